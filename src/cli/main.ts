@@ -1,0 +1,50 @@
+/**
+ * `meshcap` command dispatch: serve (the sidecar), convert (tap files to a capture).
+ * Returns the exit code; usage errors are 2, like tcpdump.
+ */
+import { ConfigError } from '../config.js';
+import { convert, CONVERT_USAGE } from './convert.js';
+import { serve, SERVE_USAGE } from './serve.js';
+
+const VERSION = '0.1.0';
+
+const USAGE = `meshcap ${VERSION}: plaintext packet capture for service meshes
+
+Usage:
+  meshcap serve [options]            receive Envoy tap streams, write pcapng/pcap
+  meshcap convert FILE... -w OUT     turn Envoy file_per_tap outputs into one capture
+  meshcap help [serve|convert]
+  meshcap version
+`;
+
+export async function run(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  try {
+    switch (command) {
+      case undefined:
+      case 'serve':
+        return await serve(rest);
+      case 'convert':
+        return await convert(rest);
+      case 'version':
+      case '--version':
+        process.stdout.write(`meshcap ${VERSION}\n`);
+        return 0;
+      case 'help':
+      case '--help':
+      case '-h':
+        process.stdout.write(rest[0] === 'serve' ? SERVE_USAGE : rest[0] === 'convert' ? CONVERT_USAGE : USAGE);
+        return 0;
+      default:
+        process.stderr.write(`meshcap: unknown command "${command}"\n\n${USAGE}`);
+        return 2;
+    }
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      process.stderr.write(`meshcap: ${err.message}\n`);
+      return 2;
+    }
+    process.stderr.write(`meshcap: ${(err as Error).stack ?? String(err)}\n`);
+    return 1;
+  }
+}

@@ -1,0 +1,128 @@
+/**
+ * `meshcap serve`: the sidecar. Listens for Envoy tap streams, writes captures, serves metrics,
+ * and on SIGTERM/SIGINT flushes and closes everything within 5 s, exiting 0.
+ */
+import path from 'node:path';
+import { loadServeConfig, SERVE_OPTIONS, usage, type ServeConfig } from '../config.js';
+import { ControlServer } from '../control/http-server.js';
+import { createLogger } from '../control/logger.js';
+import { createMetrics } from '../control/metrics.js';
+import { PipelineStats } from '../control/stats.js';
+import { framerFor } from '../format/index.js';
+import { GrpcTapServer } from '../ingest/grpc-tap-server.js';
+import { Pipeline } from '../pipeline.js';
+import { FileSink } from '../sink/file-sink.js';
+
+export const SERVE_USAGE = `Usage: meshcap serve [options]
+
+With no options: listens on unix:./meshcap.sock, writes ./captures/meshcap.pcapng,
+serves metrics on 127.0.0.1:9464. Every option can also be set in a JSON --config
+file (same names) or as MESHCAP_<NAME> in the environment (e.g. MESHCAP_GRPC_LISTEN).
+
+${usage(SERVE_OPTIONS)}
+`;
+
+const BLOCK_BYTES = 1024 * 1024;
+const SHUTDOWN_DEADLINE_MS = 4500;
+
+export async function serve(argv: string[]): Promise<number> {
+  if (argv.includes('--help') || argv.includes('-h')) {
+    process.stdout.write(SERVE_USAGE);
+    return 0;
+  }
+  const cfg = loadServeConfig(argv, process.env, process.cwd());
+  const log = createLogger(cfg.logLevel);
+  const stats = new PipelineStats();
+  const framer = framerFor(cfg.format);
+  const pipeline = new Pipeline(
+    {
+      framer,
+      snaplen: cfg.snaplen,
+      mss4: cfg.mss,
+      mss6: cfg.mss6,
+      blockSize: BLOCK_BYTES,
+      blockCount: Math.max(4, cfg.bufferMiB),
+      flushIntervalMs: cfg.flushIntervalMs,
+      idleTimeoutMs: cfg.idleTimeoutSec * 1000,
+      maxFlows: cfg.maxFlows,
+    },
+    stats,
+    log,
+  );
+
+  let shutdown: (why: string) => void = () => {};
+  const fileSink = new FileSink(
+    {
+      path: cfg.write,
+      framer,
+      snaplen: cfg.snaplen,
+      maxFileBytes: cfg.fileSizeMB * 1_000_000,
+      rotateSeconds: cfg.rotateSeconds,
+      ringFiles: cfg.ring,
+      maxFiles: cfg.autostop.files,
+      // Half the buffer may wait for the disk; beyond that blocks are dropped and counted.
+      maxQueuedBlocks: Math.max(2, Math.floor(cfg.bufferMiB / 2)),
+      onAutostop: (why) => shutdown(`autostop ${why}`),
+    },
+    stats,
+    log,
+  );
+  pipeline.addSink(fileSink);
+
+  const control = cfg.metricsListen ? new ControlServer(createMetrics(stats, () => [fileSink])) : null;
+  if (control && cfg.metricsListen) await control.listen(cfg.metricsListen);
+
+  const grpc = new GrpcTapServer({ listen: cfg.grpcListen, maxMessageBytes: cfg.maxMessageBytes }, pipeline, stats, log);
+  await grpc.start();
+  pipeline.start();
+  if (control) control.ready = true;
+  log.info(
+    {
+      grpc_listen: grpc.bound,
+      write: cfg.write === '-' ? 'stdout' : path.resolve(cfg.write),
+      format: cfg.format,
+      metrics: control ? `http://${control.address}/metrics` : 'off',
+    },
+    `meshcap serving: tap sink on ${grpc.bound.join(', ')}; writing ${cfg.write === '-' ? 'standard output' : path.resolve(cfg.write)}`,
+  );
+  logLimits(cfg, log);
+
+  return await new Promise<number>((resolve) => {
+    let stopping = false;
+    shutdown = (why: string): void => {
+      if (stopping) return;
+      stopping = true;
+      log.info({ why }, 'shutting down: flushing captures');
+      const deadline = setTimeout(() => {
+        log.error('shutdown took longer than 5 s; exiting with what is written');
+        resolve(1);
+      }, SHUTDOWN_DEADLINE_MS);
+      deadline.unref();
+      void (async () => {
+        await grpc.stop(500);
+        await pipeline.close();
+        if (control) await control.close();
+        clearTimeout(deadline);
+        log.info({ packets: stats.packets, flows: stats.flowsOpened, dropped: stats.totalDrops() }, 'meshcap stopped');
+        log.flush();
+        resolve(0);
+      })();
+    };
+    process.once('SIGTERM', () => shutdown('SIGTERM'));
+    process.once('SIGINT', () => shutdown('SIGINT'));
+    if (cfg.autostop.durationSec) setTimeout(() => shutdown(`autostop duration:${cfg.autostop.durationSec}`), cfg.autostop.durationSec * 1000).unref();
+    if (cfg.autostop.packets) {
+      const t = setInterval(() => {
+        if (fileSink.packetsWritten >= cfg.autostop.packets) {
+          clearInterval(t);
+          shutdown(`autostop packets:${cfg.autostop.packets}`);
+        }
+      }, 100);
+      t.unref();
+    }
+  });
+}
+
+function logLimits(cfg: ServeConfig, log: ReturnType<typeof createLogger>): void {
+  log.debug({ mss: cfg.mss, mss6: cfg.mss6, snaplen: cfg.snaplen, flush_interval_ms: cfg.flushIntervalMs, idle_timeout_s: cfg.idleTimeoutSec, max_flows: cfg.maxFlows }, 'limits');
+}

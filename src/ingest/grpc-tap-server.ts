@@ -1,0 +1,153 @@
+/**
+ * The gRPC tap sink: `envoy.service.tap.v3.TapSinkService/StreamTaps` (client streaming) and the
+ * same service under the frozen `envoy.service.tap.v2alpha` path.
+ *
+ * Messages are taken as raw Buffers (identity deserializer) and decoded by TraceDecoder, so bytes
+ * fields are views into the received message. The Identifier comes in the first message only and
+ * names the stream (Envoy node, tap_id) for all later ones. Envoy expects no response until it
+ * ends the stream; a malformed message is counted and logged and the stream carries on with the
+ * next message; a stream that breaks loses only its own in-flight message (its flows stay open,
+ * keyed by node, for Envoy's reconnect).
+ */
+import fs from 'node:fs';
+import * as grpc from '@grpc/grpc-js';
+import type { Logger } from 'pino';
+import type { PipelineStats } from '../control/stats.js';
+import type { StreamIdentity, TapEventHandler } from './tap-event.js';
+import { TraceDecoder, type StreamState } from './trace-decoder.js';
+
+export const STREAM_TAPS_PATHS = [
+  '/envoy.service.tap.v3.TapSinkService/StreamTaps',
+  '/envoy.service.tap.v2alpha.TapSinkService/StreamTaps',
+];
+
+const EMPTY = Buffer.alloc(0);
+const identity = (b: Buffer): Buffer => b;
+
+function serviceFor(path: string): grpc.ServiceDefinition {
+  return {
+    StreamTaps: {
+      path,
+      requestStream: true,
+      responseStream: false,
+      requestSerialize: identity,
+      requestDeserialize: identity,
+      responseSerialize: () => EMPTY,
+      responseDeserialize: () => ({}),
+      originalName: 'streamTaps',
+    },
+  } as grpc.ServiceDefinition;
+}
+
+export interface GrpcTapServerOptions {
+  /** 'unix:/path' or 'host:port', one or more. */
+  listen: string[];
+  /** Largest StreamTapsRequest accepted (bytes). */
+  maxMessageBytes: number;
+}
+
+export class GrpcTapServer {
+  private readonly server: grpc.Server;
+  private readonly decoder: TraceDecoder;
+  private anonymous = 0;
+  readonly bound: string[] = [];
+
+  constructor(
+    private readonly opts: GrpcTapServerOptions,
+    private readonly handler: TapEventHandler,
+    private readonly stats: PipelineStats,
+    private readonly log: Logger,
+  ) {
+    this.decoder = new TraceDecoder(handler);
+    this.server = new grpc.Server({
+      'grpc.max_receive_message_length': opts.maxMessageBytes,
+      'grpc.max_send_message_length': 1024,
+    });
+    for (const path of STREAM_TAPS_PATHS) {
+      const version = path.includes('v2alpha') ? 'v2alpha' : 'v3';
+      this.server.addService(serviceFor(path), {
+        StreamTaps: (call: grpc.ServerReadableStream<Buffer, Buffer>, callback: grpc.sendUnaryData<Buffer>) => this.stream(call, callback, version),
+      });
+    }
+  }
+
+  async start(): Promise<void> {
+    for (const target of this.opts.listen) {
+      const isUnix = target.startsWith('unix:');
+      const sockPath = isUnix ? target.slice('unix:'.length).replace(/^\/\/(?=\/)/, '') : '';
+      if (isUnix) removeStaleSocket(sockPath);
+      // The socket file is created 0600: only the pod's Envoy (same user) may stream taps.
+      const oldMask = isUnix ? process.umask(0o177) : null;
+      try {
+        await new Promise<void>((resolve, reject) => {
+          this.server.bindAsync(target, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(new Error(`cannot listen on ${target}: ${err.message}`)) : resolve()));
+        });
+      } finally {
+        if (oldMask !== null) process.umask(oldMask);
+      }
+      if (isUnix) fs.chmodSync(sockPath, 0o600);
+      this.bound.push(target);
+    }
+  }
+
+  /** Stops accepting; gives streams a moment to finish, then cuts them. */
+  async stop(graceMs = 1000): Promise<void> {
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(() => {
+        this.server.forceShutdown();
+        resolve();
+      }, graceMs);
+      this.server.tryShutdown(() => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
+    for (const target of this.bound) {
+      if (target.startsWith('unix:')) fs.rmSync(target.slice(5), { force: true });
+    }
+  }
+
+  private stream(call: grpc.ServerReadableStream<Buffer, Buffer>, callback: grpc.sendUnaryData<Buffer>, version: string): void {
+    const state: StreamState = { identity: null, messages: 0 };
+    const source = 'grpc';
+    const peer = call.getPeer();
+    this.stats.grpcStreamsActive++;
+    this.stats.grpcStreamsTotal++;
+    let finished = false;
+    const finish = (): void => {
+      if (finished) return;
+      finished = true;
+      this.stats.grpcStreamsActive--;
+      this.log.info({ peer, version, node: state.identity?.nodeId, tap_id: state.identity?.tapId, messages: state.messages }, 'tap stream ended');
+    };
+    const anonymous = (): StreamIdentity => ({ nodeId: `anonymous-${++this.anonymous}`, tapId: '', source });
+    call.on('data', (msg: Buffer) => {
+      this.handler.onIngestMessage(source, msg.length);
+      const first = state.identity === null;
+      this.decoder.decodeStreamTapsRequest(msg, state, source, anonymous);
+      if (first && state.identity) this.log.info({ peer, version, node: state.identity.nodeId, tap_id: state.identity.tapId }, 'tap stream started');
+    });
+    call.on('end', () => {
+      finish();
+      callback(null, EMPTY);
+    });
+    call.on('error', (err: grpc.ServiceError) => {
+      const reason = err.code === grpc.status.RESOURCE_EXHAUSTED ? 'message_too_large' : 'stream_aborted';
+      this.handler.onIngestError(state.identity ?? { nodeId: '', tapId: '', source }, reason, `tap stream from ${peer}: ${err.message}`);
+      finish();
+    });
+    call.on('cancelled', () => {
+      if (!finished) this.handler.onIngestError(state.identity ?? { nodeId: '', tapId: '', source }, 'stream_aborted', `tap stream from ${peer} cancelled by the client`);
+      finish();
+    });
+  }
+}
+
+/** A socket file left by a previous run that nobody listens on any more. */
+function removeStaleSocket(p: string): void {
+  try {
+    if (fs.statSync(p).isSocket()) fs.rmSync(p);
+  } catch {
+    /* absent */
+  }
+}
