@@ -10,6 +10,7 @@
  * keyed by node, for Envoy's reconnect).
  */
 import fs from 'node:fs';
+import type http2 from 'node:http2';
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import type { PipelineStats } from '../control/stats.js';
@@ -22,6 +23,21 @@ export const STREAM_TAPS_PATHS = [
 ];
 
 const EMPTY = Buffer.alloc(0);
+
+/**
+ * HTTP/2 receive windows. Node's defaults (64 KiB per stream and per connection) leave a
+ * StreamTaps server half idle at ~0.3-0.4 GB/s whatever the message size; 4 MiB / 16 MiB let one
+ * Envoy stream keep the pipeline busy (bench/README.md). grpc-js has no option for either, so
+ * both are set on its http2 servers: the SETTINGS initial window through its server options, the
+ * connection window on each session.
+ */
+const STREAM_WINDOW = 4 * 1024 * 1024;
+const CONNECTION_WINDOW = 16 * 1024 * 1024;
+
+interface GrpcServerInternals {
+  commonServerOptions?: http2.ServerOptions;
+  http2Servers?: Map<http2.Http2Server, unknown>;
+}
 const identity = (b: Buffer): Buffer => b;
 
 function serviceFor(path: string): grpc.ServiceDefinition {
@@ -63,6 +79,7 @@ export class GrpcTapServer {
       'grpc.max_receive_message_length': opts.maxMessageBytes,
       'grpc.max_send_message_length': 1024,
     });
+    this.widenWindows();
     for (const path of STREAM_TAPS_PATHS) {
       const version = path.includes('v2alpha') ? 'v2alpha' : 'v3';
       this.server.addService(serviceFor(path), {
@@ -87,6 +104,37 @@ export class GrpcTapServer {
       }
       if (isUnix) fs.chmodSync(sockPath, 0o600);
       this.bound.push(target);
+    }
+    this.widenSessionWindows();
+  }
+
+  private widenWindows(): void {
+    const internals = this.server as unknown as GrpcServerInternals;
+    if (!internals.commonServerOptions) {
+      this.log.warn('grpc-js internals changed: HTTP/2 receive windows stay at 64 KiB (ingest will be slower)');
+      return;
+    }
+    internals.commonServerOptions.settings = { ...internals.commonServerOptions.settings, initialWindowSize: STREAM_WINDOW };
+  }
+
+  private readonly widened = new Set<http2.Http2Server>();
+
+  private widenSessionWindows(): void {
+    const servers = (this.server as unknown as GrpcServerInternals).http2Servers;
+    for (const server of servers?.keys() ?? []) {
+      if (this.widened.has(server)) continue;
+      this.widened.add(server);
+      server.on('session', (session: http2.ServerHttp2Session) => {
+        const widen = (): void => {
+          try {
+            session.setLocalWindowSize(CONNECTION_WINDOW);
+          } catch (err) {
+            this.log.debug({ err: (err as Error).message }, 'cannot widen HTTP/2 connection window');
+          }
+        };
+        if (session.connecting) session.once('connect', widen);
+        else widen();
+      });
     }
   }
 
