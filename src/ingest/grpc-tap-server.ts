@@ -175,17 +175,34 @@ export class GrpcTapServer {
       this.decoder.decodeStreamTapsRequest(msg, state, source, anonymous);
       if (first && state.identity) this.log.info({ peer, version, node: state.identity.nodeId, tap_id: state.identity.tapId }, 'tap stream started');
     });
+    const unnamed = (): StreamIdentity => state.identity ?? { nodeId: '', tapId: '', source };
     call.on('end', () => {
-      finish();
-      callback(null, EMPTY);
+      // Node ends the request stream both on a real half-close and when the client resets or
+      // vanishes mid-message (grpc-js then drops the partial message silently). Sending metadata
+      // makes grpc-js check that the stream is still alive: on a dead one it emits 'cancelled'
+      // on the next tick, before ours, and that handler counts the abort.
+      call.sendMetadata(new grpc.Metadata());
+      process.nextTick(() => {
+        if (finished) return;
+        finish();
+        callback(null, EMPTY);
+      });
     });
     call.on('error', (err: grpc.ServiceError) => {
-      const reason = err.code === grpc.status.RESOURCE_EXHAUSTED ? 'message_too_large' : 'stream_aborted';
-      this.handler.onIngestError(state.identity ?? { nodeId: '', tapId: '', source }, reason, `tap stream from ${peer}: ${err.message}`);
+      this.handler.onIngestError(unnamed(), 'stream_aborted', `tap stream from ${peer}: ${err.message}`);
       finish();
     });
     call.on('cancelled', () => {
-      if (!finished) this.handler.onIngestError(state.identity ?? { nodeId: '', tapId: '', source }, 'stream_aborted', `tap stream from ${peer} cancelled by the client`);
+      // grpc-js reports both a client that went away and its own rejection of a message over
+      // --max-message-size (RESOURCE_EXHAUSTED, sent to Envoy) as a cancellation; the handler
+      // cannot tell which.
+      if (!finished) {
+        this.handler.onIngestError(
+          unnamed(),
+          'stream_aborted',
+          `tap stream from ${peer} ended without a clean close: the client went away, or gRPC rejected a message over --max-message-size (${this.opts.maxMessageBytes} bytes)`,
+        );
+      }
       finish();
     });
   }

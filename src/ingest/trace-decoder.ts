@@ -70,7 +70,7 @@ export class TraceDecoder {
         } else r.skip(tag & 7, end);
       }
     } catch (err) {
-      this.handler.onIngestError(state.identity, 'malformed_protobuf', describe(err, 'StreamTapsRequest'));
+      this.handler.onIngestError(state.identity ?? { nodeId: '', tapId: '', source }, 'malformed_protobuf', describe(err, 'StreamTapsRequest'));
       return false;
     }
     if (state.identity === null) {

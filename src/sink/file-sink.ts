@@ -70,6 +70,7 @@ export class FileSink implements BlockSink {
   private readonly rotating: boolean;
   private readonly toStdout: boolean;
   private stopped = false;
+  private openPending = false;
   packetsWritten = 0;
   bytesWritten = 0;
   filesCompleted = 0;
@@ -128,15 +129,13 @@ export class FileSink implements BlockSink {
       return;
     }
     this.writing = true;
+    // After a rotation the next file opens with its first block (as tcpdump -G does), so an idle
+    // period leaves no empty files behind.
+    if (!this.file && this.openPending) this.openNext();
     const f = this.file;
-    if (!f) {
-      this.stats.drop('sink_error', block.count);
-      this.release?.(block);
-      setImmediate(() => this.pump());
-      return;
-    }
-    if (this.rotating && f.packets > 0 && (this.rotateDue || (this.opts.maxFileBytes > 0 && f.size + block.used > this.opts.maxFileBytes))) {
+    if (f && this.rotating && f.packets > 0 && (this.rotateDue || (this.opts.maxFileBytes > 0 && f.size + block.used > this.opts.maxFileBytes))) {
       this.rotateNow();
+      if (!this.stopped) this.openNext();
     }
     const target = this.file;
     if (!target) {
@@ -176,6 +175,7 @@ export class FileSink implements BlockSink {
     }
   }
 
+  /** Completes the open file; the next one opens when the next block arrives. */
   private rotateNow(): void {
     this.rotateDue = false;
     this.finishFile(false);
@@ -184,10 +184,11 @@ export class FileSink implements BlockSink {
       this.opts.onAutostop?.(`files:${this.opts.maxFiles}`);
       return;
     }
-    this.openNext();
+    this.openPending = true;
   }
 
   private openNext(): void {
+    this.openPending = false;
     const final = this.nextName();
     try {
       const part = this.toStdout ? '-' : `${final}.part`;
