@@ -62,6 +62,11 @@ export class Pipeline implements TapEventHandler, BlockOutput {
     this.flows = new FlowTable(slicer, opts, stats, log);
   }
 
+  /** Empty blocks left in the pool (a one-shot producer waits for sinks when this runs low). */
+  get freeBlocks(): number {
+    return this.pool.available;
+  }
+
   addSink(sink: BlockSink): void {
     this.sinks.push(sink);
   }

@@ -86,11 +86,37 @@ export async function convert(argv: string[]): Promise<number> {
     }
   }
   collector.events.sort((a, b) => a.ev.tsSec - b.ev.tsSec || a.ev.tsNsec - b.ev.tsNsec || a.order - b.order);
-  for (const { stream, ev } of collector.events) pipeline.onEvent(stream, ev);
+  // Unlike serve, conversion may wait for the disk: replay yields whenever the sinks hold all
+  // but one block, so nothing is dropped however large the input.
+  const progress = new Progress(collector.events.length);
+  let n = 0;
+  for (const { stream, ev } of collector.events) {
+    while (pipeline.freeBlocks < 1) await new Promise((resolve) => setImmediate(resolve));
+    pipeline.onEvent(stream, ev);
+    if ((++n & 1023) === 0) progress.update(n);
+  }
+  progress.done();
   await pipeline.close();
   // Flows still open at the end of the input stay open in the capture (no invented teardown).
   process.stderr.write(`meshcap convert: ${files.length} file(s), ${stats.flowsOpened} connection(s), ${sink.packetsWritten} packets → ${out}` + (collector.errors ? `, ${collector.errors} input error(s)` : '') + '\n');
   return collector.errors > 0 ? 1 : 0;
+}
+
+/** A one-line progress report on a terminal, for inputs that take more than a moment. */
+class Progress {
+  private readonly tty = process.stderr.isTTY === true;
+  private readonly start = Date.now();
+  private last = 0;
+  constructor(private readonly total: number) {}
+  update(n: number): void {
+    const now = Date.now();
+    if (!this.tty || now - this.last < 250 || now - this.start < 1000) return;
+    this.last = now;
+    process.stderr.write(`\rmeshcap convert: ${n}/${this.total} events (${Math.floor((100 * n) / this.total)}%)`);
+  }
+  done(): void {
+    if (this.tty && this.last) process.stderr.write('\r\x1b[K');
+  }
 }
 
 function intFlag(v: unknown, name: string, min: number, max: number): number | undefined {
