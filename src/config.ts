@@ -7,6 +7,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
+import { validateAdminUrl } from './ingest/admin-tap-client.js';
+import { parseUdpListen } from './ingest/udp-tap-listener.js';
 
 type Kind = 'string' | 'int' | 'bool' | 'list';
 
@@ -40,6 +42,12 @@ export const SERVE_OPTIONS: OptionSpec[] = [
   { name: 'buffer-size', kind: 'int', min: 1, max: 1024, help: 'output buffer in MiB (split into blocks handed to the sinks)' },
   { name: 'log-level', kind: 'string', choices: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], help: 'log level' },
   { name: 'config', kind: 'string', help: 'JSON file with any of these options (kebab-case keys)' },
+  // Doors for stock Envoy (docs/stock-envoy.md).
+  { name: 'envoy-admin', kind: 'list', help: 'attach to Envoy admin /tap at this URL, e.g. http://127.0.0.1:15000 (loopback only; repeatable)' },
+  { name: 'tap-config-id', kind: 'list', help: 'admin_config.config_id of the tap to attach to, with --envoy-admin (repeatable)' },
+  { name: 'admin-max-buffered-bytes', kind: 'int', min: 1024, max: 4_294_967_295, help: "max_buffered_rx/tx_bytes asked of Envoy through /tap (Envoy's own default, 1 KiB, cuts bodies)" },
+  { name: 'udp-listen', kind: 'list', help: 'receive the contrib UDP tap sink on this loopback HOST:PORT (repeatable)' },
+  { name: 'watch', kind: 'list', help: 'follow file_per_tap outputs written into this directory (repeatable)' },
 ];
 
 export interface ServeConfig {
@@ -60,6 +68,13 @@ export interface ServeConfig {
   maxMessageBytes: number;
   bufferMiB: number;
   logLevel: string;
+  /** Admin /tap door: every URL × every config id. */
+  envoyAdmin: string[];
+  tapConfigIds: string[];
+  adminMaxBufferedBytes: number;
+  udpListen: string[];
+  /** Directories, absolute. */
+  watch: string[];
 }
 
 /** The embedded defaults: `meshcap serve` with no flags runs on these. */
@@ -81,6 +96,11 @@ export function defaultServeValues(cwd: string): Record<string, unknown> {
     'max-message-size': 16 * 1024 * 1024,
     'buffer-size': 32,
     'log-level': 'info',
+    'envoy-admin': [],
+    'tap-config-id': [],
+    'admin-max-buffered-bytes': 1024 * 1024,
+    'udp-listen': [],
+    watch: [],
   };
 }
 
@@ -127,6 +147,25 @@ export function loadServeConfig(argv: string[], env: NodeJS.ProcessEnv, cwd: str
   const listen = values['grpc-listen'] as string[];
   for (const target of listen) validateListen(target);
   const metrics = values['metrics-listen'] as string;
+  const envoyAdmin = values['envoy-admin'] as string[];
+  const tapConfigIds = values['tap-config-id'] as string[];
+  if (envoyAdmin.length > 0 && tapConfigIds.length === 0) throw new ConfigError('"envoy-admin" needs at least one --tap-config-id (the admin_config.config_id of the tap to attach to)');
+  if (tapConfigIds.length > 0 && envoyAdmin.length === 0) throw new ConfigError('"tap-config-id" needs --envoy-admin (the Envoy admin URL, e.g. http://127.0.0.1:15000)');
+  for (const url of envoyAdmin) {
+    try {
+      validateAdminUrl(url);
+    } catch (err) {
+      throw new ConfigError((err as Error).message);
+    }
+  }
+  const udpListen = values['udp-listen'] as string[];
+  for (const target of udpListen) {
+    try {
+      parseUdpListen(target);
+    } catch (err) {
+      throw new ConfigError((err as Error).message);
+    }
+  }
   return {
     grpcListen: listen,
     write: values.write as string,
@@ -145,6 +184,11 @@ export function loadServeConfig(argv: string[], env: NodeJS.ProcessEnv, cwd: str
     maxMessageBytes: values['max-message-size'] as number,
     bufferMiB: values['buffer-size'] as number,
     logLevel: values['log-level'] as string,
+    envoyAdmin,
+    tapConfigIds,
+    adminMaxBufferedBytes: values['admin-max-buffered-bytes'] as number,
+    udpListen,
+    watch: (values.watch as string[]).map((d) => path.resolve(cwd, d)),
   };
 }
 

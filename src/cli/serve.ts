@@ -9,7 +9,10 @@ import { createLogger } from '../control/logger.js';
 import { createMetrics } from '../control/metrics.js';
 import { PipelineStats } from '../control/stats.js';
 import { framerFor } from '../format/index.js';
+import { AdminTapClient } from '../ingest/admin-tap-client.js';
 import { GrpcTapServer } from '../ingest/grpc-tap-server.js';
+import { TapDirWatcher } from '../ingest/tap-dir-watcher.js';
+import { UdpTapListener } from '../ingest/udp-tap-listener.js';
 import { Pipeline } from '../pipeline.js';
 import { FileSink } from '../sink/file-sink.js';
 
@@ -74,16 +77,41 @@ export async function serve(argv: string[]): Promise<number> {
 
   const grpc = new GrpcTapServer({ listen: cfg.grpcListen, maxMessageBytes: cfg.maxMessageBytes }, pipeline, stats, log);
   await grpc.start();
+  // Doors for stock Envoy: admin /tap clients, UDP sink listeners, file_per_tap directories.
+  const udps = cfg.udpListen.map((listen) => new UdpTapListener({ listen }, pipeline, log));
+  for (const u of udps) await u.start();
+  const watchers = cfg.watch.map((dir) => new TapDirWatcher({ dir, maxMessageBytes: cfg.maxMessageBytes }, pipeline, log));
+  const admins = cfg.envoyAdmin.flatMap((adminUrl) =>
+    cfg.tapConfigIds.map(
+      (configId) =>
+        new AdminTapClient(
+          { adminUrl, configId, maxBufferedBytes: cfg.adminMaxBufferedBytes, maxObjectBytes: Math.max(cfg.maxMessageBytes, 3 * cfg.adminMaxBufferedBytes) },
+          pipeline,
+          log,
+        ),
+    ),
+  );
+  if (cfg.tapConfigIds.length > 1) {
+    log.warn({ config_ids: cfg.tapConfigIds }, 'Envoy allows one attached /tap stream per process: several config ids on one Envoy take turns at best; give the tapped sockets one shared config_id');
+  }
   pipeline.start();
+  for (const w of watchers) await w.start();
+  for (const a of admins) a.start();
   if (control) control.ready = true;
   log.info(
     {
       grpc_listen: grpc.bound,
+      envoy_admin: admins.map((a) => `${a.url.origin} config_id=${a.configId}`),
+      udp_listen: udps.map((u) => u.address),
+      watch: watchers.map((w) => w.dir),
       write: cfg.write === '-' ? 'stdout' : path.resolve(cfg.write),
       format: cfg.format,
       metrics: control ? `http://${control.address}/metrics` : 'off',
     },
-    `meshcap serving: tap sink on ${grpc.bound.join(', ')}; writing ${cfg.write === '-' ? 'standard output' : path.resolve(cfg.write)}`,
+    `meshcap serving: tap sink on ${[...grpc.bound, ...udps.map((u) => `udp:${u.address}`)].join(', ')}` +
+      (admins.length ? `; attaching to Envoy admin ${admins.map((a) => `${a.url.origin} (config_id ${a.configId})`).join(', ')}` : '') +
+      (watchers.length ? `; watching ${watchers.map((w) => w.dir).join(', ')}` : '') +
+      `; writing ${cfg.write === '-' ? 'standard output' : path.resolve(cfg.write)}`,
   );
   logLimits(cfg, log);
 
@@ -99,6 +127,7 @@ export async function serve(argv: string[]): Promise<number> {
       }, SHUTDOWN_DEADLINE_MS);
       deadline.unref();
       void (async () => {
+        await Promise.all([...admins.map((a) => a.stop()), ...udps.map((u) => u.stop()), ...watchers.map((w) => w.stop())]);
         await grpc.stop(500);
         await pipeline.close();
         if (control) await control.close();
