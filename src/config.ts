@@ -255,6 +255,9 @@ function validateListen(target: string): void {
 
 export function usage(specs: OptionSpec[]): string {
   return specs
-    .map((s) => `  ${s.short ? `-${s.short}, ` : '    '}--${s.name}${s.kind === 'bool' ? '' : ' VALUE'}`.padEnd(34) + s.help)
+    .map((s) => {
+      const flag = `  ${s.short ? `-${s.short}, ` : '    '}--${s.name}${s.kind === 'bool' ? '' : ' VALUE'}`;
+      return `${flag.padEnd(36)}  ${s.help}`;
+    })
     .join('\n');
 }

@@ -9,6 +9,7 @@
  * dropped and counted (`no_buffer`) and marked in the capture.
  */
 import type { Logger } from 'pino';
+import { LogLimiter } from './control/log-limiter.js';
 import type { PipelineStats } from './control/stats.js';
 import type { RecordFramer } from './format/record-framer.js';
 import { FlowTable } from './flow/flow-table.js';
@@ -45,6 +46,7 @@ export class Pipeline implements TapEventHandler, BlockOutput {
   readonly flows: FlowTable;
   private readonly pool: BlockPool;
   private readonly sinks: BlockSink[] = [];
+  private readonly limiter: LogLimiter;
   private flushTimer: NodeJS.Timeout | null = null;
   private sweepTimer: NodeJS.Timeout | null = null;
   private readonly releaseBlock = (block: Block): void => {
@@ -58,6 +60,7 @@ export class Pipeline implements TapEventHandler, BlockOutput {
   ) {
     // Snaplen bounds the biggest record; jumbo MSS needs blocks that hold a whole frame.
     this.pool = new BlockPool(opts.blockCount, Math.max(opts.blockSize, 2 * (opts.mss4 + 1024)), opts.framer);
+    this.limiter = new LogLimiter(log);
     const slicer = new Slicer(this, { snaplen: opts.snaplen });
     this.flows = new FlowTable(slicer, opts, stats, log);
   }
@@ -91,7 +94,7 @@ export class Pipeline implements TapEventHandler, BlockOutput {
   onIngestError(stream: StreamIdentity | null, reason: IngestErrorReason, detail: string): void {
     const source = stream?.source ?? 'unknown';
     this.stats.error(source, reason);
-    this.log.warn({ reason, source, node: stream?.nodeId, tap_id: stream?.tapId }, detail);
+    this.limiter.warn(`${source}/${reason}`, { reason, source, node: stream?.nodeId, tap_id: stream?.tapId }, detail);
   }
 
   /** BlockOutput: hand the current block to the sinks, take an empty one. */

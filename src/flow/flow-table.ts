@@ -9,6 +9,7 @@
  * gap, with a packet comment and a drop count.
  */
 import type { Logger } from 'pino';
+import { LogLimiter } from '../control/log-limiter.js';
 import type { PipelineStats } from '../control/stats.js';
 import { EventKind, TraceTruncation, type StreamIdentity, type TapConnection, type TapEvent } from '../ingest/tap-event.js';
 import { TCP_ACK, TCP_FIN, TCP_SYN } from '../packet/frame-template.js';
@@ -30,17 +31,20 @@ const UNKNOWN_CONNECTION: TapConnection = { local: { kind: 'unknown' }, remote: 
 
 export class FlowTable {
   private readonly nodes = new Map<string, Map<number | string, TcpFlow>>();
+  /** Open flows by flow id (block.flowId), for flowInfo(). */
+  private readonly byId = new Map<number, TcpFlow>();
   private nextId = 1;
   size = 0;
-  /** Rate limit for repetitive warnings (per reason): last log time. */
-  private readonly lastWarn = new Map<string, number>();
+  private readonly limiter: LogLimiter;
 
   constructor(
     private readonly slicer: Slicer,
     private readonly opts: FlowTableOptions,
     private readonly stats: PipelineStats,
     private readonly log: Logger,
-  ) {}
+  ) {
+    this.limiter = new LogLimiter(log);
+  }
 
   handle(stream: StreamIdentity, ev: TapEvent, nowMs: number): void {
     let byTrace = this.nodes.get(stream.nodeId);
@@ -55,6 +59,7 @@ export class FlowTable {
         else if (!flow.started && ev.connection) {
           // A repeated connection message before any data (Envoy reconnect): take the newer one.
           byTrace.delete(ev.traceId);
+          this.byId.delete(flow.id);
           this.size--;
           this.stats.flowsOpened--;
           this.open(byTrace, stream, ev, ev.connection, true, nowMs);
@@ -82,6 +87,14 @@ export class FlowTable {
     }
   }
 
+  /**
+   * Read-only: the open flow with this id (block.flowId), for sinks that need a flow's node and
+   * endpoints (live viewers' filters); undefined once it is closed or expired. Do not mutate it.
+   */
+  flowInfo(id: number): Readonly<TcpFlow> | undefined {
+    return this.byId.get(id);
+  }
+
   /** Frees flows idle for longer than the idle timeout. */
   sweep(nowMs: number): number {
     const deadline = nowMs - this.opts.idleTimeoutMs;
@@ -90,6 +103,7 @@ export class FlowTable {
       for (const [traceId, flow] of byTrace) {
         if (flow.lastActivityMs < deadline) {
           byTrace.delete(traceId);
+          this.byId.delete(flow.id);
           freed++;
         }
       }
@@ -118,6 +132,7 @@ export class FlowTable {
     const flow = new TcpFlow(this.nextId++ >>> 0, stream.nodeId, ev.traceId, local, remote, mss, sawStart, intro);
     flow.lastActivityMs = nowMs;
     byTrace.set(ev.traceId, flow);
+    this.byId.set(flow.id, flow);
     this.size++;
     this.stats.flowsOpened++;
     this.stats.flowsActive = this.size;
@@ -186,6 +201,7 @@ export class FlowTable {
     if (!flow.fin[peer]) this.control(flow, peer, TCP_FIN | TCP_ACK, ev);
     this.control(flow, envoy, TCP_ACK, ev);
     byTrace.delete(flow.traceId);
+    this.byId.delete(flow.id);
     this.size--;
     this.stats.flowsClosed++;
     this.stats.flowsActive = this.size;
@@ -246,11 +262,7 @@ export class FlowTable {
     this.warn(stream, reason, detail);
   }
 
-  /** Logs at most once a second per reason: bad input must not flood the log. */
   private warn(stream: StreamIdentity, reason: string, detail: string): void {
-    const now = Date.now();
-    if ((this.lastWarn.get(reason) ?? 0) > now - 1000) return;
-    this.lastWarn.set(reason, now);
-    this.log.warn({ reason, node: stream.nodeId, tap_id: stream.tapId, source: stream.source }, detail);
+    this.limiter.warn(`${stream.source}/${reason}`, { reason, node: stream.nodeId, tap_id: stream.tapId, source: stream.source }, detail);
   }
 }
