@@ -26,6 +26,61 @@ const pad4 = (n: number): number => (n + 3) & ~3;
 
 const scratchTs = new Uint32Array(2);
 
+/**
+ * The last timestamp split into 64-bit nanosecond words: every segment of one event shares its
+ * timestamp, so the split (float division and modulo) runs once per event, not per packet.
+ */
+let lastSec = -1;
+let lastNsec = -1;
+let tsHi = 0;
+let tsLo = 0;
+function timestampWords(sec: number, nsec: number): void {
+  if (sec === lastSec && nsec === lastNsec) return;
+  nsHiLo(sec, nsec, scratchTs);
+  lastSec = sec;
+  lastNsec = nsec;
+  tsHi = scratchTs[0]!;
+  tsLo = scratchTs[1]!;
+}
+
+/** A word view of buf's memory when `off` lands on a word boundary, cached per buffer. */
+let viewBuffer: ArrayBufferLike | null = null;
+let view: Uint32Array | null = null;
+function wordView(buf: Buffer, off: number): Uint32Array | null {
+  if (((buf.byteOffset + off) & 3) !== 0) return null;
+  if (buf.buffer !== viewBuffer) {
+    viewBuffer = buf.buffer;
+    view = new Uint32Array(buf.buffer, 0, buf.buffer.byteLength >>> 2);
+  }
+  return view;
+}
+
+/** The same record tail and header with byte writes, for buffers not aligned to words. */
+function finishSlow(buf: Buffer, start: number, o: number, capLen: number, origLen: number, tsSec: number, tsNsec: number, dir: number, dropCount: number): number {
+  buf.writeUInt32LE(EPB_FLAGS | (4 << 16), o);
+  buf.writeUInt32LE(dir & 3, o + 4);
+  o += 8;
+  if (dropCount > 0) {
+    buf.writeUInt32LE(EPB_DROPCOUNT | (8 << 16), o);
+    buf.writeUInt32LE(dropCount, o + 4);
+    buf.writeUInt32LE(0, o + 8);
+    o += 12;
+  }
+  buf.writeUInt32LE(OPT_ENDOFOPT, o);
+  o += 4;
+  const total = o + 4 - start;
+  buf.writeUInt32LE(total, o);
+  timestampWords(tsSec, tsNsec);
+  buf.writeUInt32LE(EPB, start);
+  buf.writeUInt32LE(total, start + 4);
+  buf.writeUInt32LE(0, start + 8);
+  buf.writeUInt32LE(tsHi, start + 12);
+  buf.writeUInt32LE(tsLo, start + 16);
+  buf.writeUInt32LE(capLen, start + 20);
+  buf.writeUInt32LE(origLen, start + 24);
+  return o + 4;
+}
+
 export const pcapngFramer: RecordFramer = {
   name: 'pcapng',
   head: EPB_HEAD,
@@ -42,6 +97,7 @@ export const pcapngFramer: RecordFramer = {
 
   finish(buf, frameOff, capLen, origLen, tsSec, tsNsec, dir, comment, dropCount) {
     const start = frameOff - EPB_HEAD;
+    const u32 = wordView(buf, start);
     let o = frameOff + capLen;
     // Zero the padding explicitly: the block is reused.
     while (o & 3) buf[o++] = 0;
@@ -52,28 +108,30 @@ export const pcapngFramer: RecordFramer = {
       o += 4 + comment.length;
       while (o & 3) buf[o++] = 0;
     }
-    buf.writeUInt32LE(EPB_FLAGS | (4 << 16), o); // code 2, length 4 (little-endian u16 pair)
-    buf.writeUInt32LE(dir & 3, o + 4);
-    o += 8;
+    if (u32 === null) return finishSlow(buf, start, o, capLen, origLen, tsSec, tsNsec, dir, dropCount);
+    // Records are 4-aligned: whole words through the Uint32Array view (little-endian host).
+    let w = (buf.byteOffset + o) >>> 2;
+    u32[w++] = EPB_FLAGS | (4 << 16); // code 2, length 4
+    u32[w++] = dir & 3;
     if (dropCount > 0) {
-      buf.writeUInt32LE(EPB_DROPCOUNT | (8 << 16), o);
-      buf.writeUInt32LE(dropCount, o + 4);
-      buf.writeUInt32LE(0, o + 8);
-      o += 12;
+      u32[w++] = EPB_DROPCOUNT | (8 << 16);
+      u32[w++] = dropCount;
+      u32[w++] = 0;
     }
-    buf.writeUInt32LE(OPT_ENDOFOPT, o);
-    o += 4;
-    const total = o + 4 - start;
-    buf.writeUInt32LE(total, o);
-    nsHiLo(tsSec, tsNsec, scratchTs);
-    buf.writeUInt32LE(EPB, start);
-    buf.writeUInt32LE(total, start + 4);
-    buf.writeUInt32LE(0, start + 8); // interface 0
-    buf.writeUInt32LE(scratchTs[0]!, start + 12);
-    buf.writeUInt32LE(scratchTs[1]!, start + 16);
-    buf.writeUInt32LE(capLen, start + 20);
-    buf.writeUInt32LE(origLen, start + 24);
-    return o + 4;
+    u32[w++] = OPT_ENDOFOPT;
+    const end = (w + 1) << 2;
+    const total = end - (buf.byteOffset + start);
+    u32[w] = total;
+    timestampWords(tsSec, tsNsec);
+    const h = (buf.byteOffset + start) >>> 2;
+    u32[h] = EPB;
+    u32[h + 1] = total;
+    u32[h + 2] = 0; // interface 0
+    u32[h + 3] = tsHi;
+    u32[h + 4] = tsLo;
+    u32[h + 5] = capLen;
+    u32[h + 6] = origLen;
+    return start + total;
   },
 
   fileHeader(opts: FileHeaderOptions) {

@@ -80,6 +80,17 @@ export function sumBytesLE(buf: Uint8Array, start: number, end: number): number 
   return acc;
 }
 
+/**
+ * Sums u8[start, end) (see sumLE) plus `init`, folds, and stores the checksum at u8[off]: one
+ * call that returns nothing, so the large intermediate sum never crosses a call boundary that V8
+ * might not inline (where it would be boxed: an allocation per packet).
+ */
+export function checksumInto(u8: Uint8Array, u32: Uint32Array, start: number, end: number, init: number, off: number): void {
+  const c = ~fold(init + sumLE(u8, u32, start, end)) & 0xffff;
+  u8[off] = c & 0xff;
+  u8[off + 1] = c >>> 8;
+}
+
 /** Stores the checksum of an unfolded LE-domain sum at u8[off], in wire order. */
 export function writeChecksumLE(u8: Uint8Array, off: number, acc: number): void {
   const c = ~fold(acc) & 0xffff;

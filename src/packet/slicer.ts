@@ -8,7 +8,7 @@
  * allocates nothing per packet. Checksums are computed over the block's aligned word view.
  */
 import type { Block } from './block.js';
-import { sumBytesLE, sumLE, writeChecksumLE } from './checksum.js';
+import { checksumInto, sumBytesLE, writeChecksumLE } from './checksum.js';
 import { ETH_LEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, TCP_WINDOW_SCALE, headerLength, tcpOffset } from './frame-template.js';
 
 /** What the slicer needs of a flow: everything per direction d (0 = client→server, 1 = back). */
@@ -188,7 +188,8 @@ export class Slicer {
       b[ip + 3] = total & 0xff;
       b[ip + 4] = id >>> 8;
       b[ip + 5] = id & 0xff;
-      writeChecksumLE(b, ip + 10, sumLE(b, block.u32, ip, ip + 20));
+      // Byte-wise over 20 bytes: the sum stays a small integer (no boxing).
+      writeChecksumLE(b, ip + 10, sumBytesLE(b, ip, ip + 20));
     }
     const seq = w.seq[d]!;
     // A bare SYN carries no acknowledgement (Wireshark flags a non-zero one).
@@ -206,8 +207,7 @@ export class Slicer {
     // A SYN's sequence number is consumed by the caller (control), data's here.
     w.seq[d] = (seq + len) >>> 0;
     const lenLE = ((tcpLen & 0xff) << 8) | (tcpLen >>> 8);
-    const frameEnd = frameOff + capLen;
-    writeChecksumLE(b, tcp + 16, w.pseudo[d]! + lenLE + sumLE(b, block.u32, tcp, frameEnd));
+    checksumInto(b, block.u32, tcp, frameOff + capLen, w.pseudo[d]! + lenLE, tcp + 16);
     this.record(block, w, d, frameOff, capLen, capLen, tsSec, tsNsec, comment, drop);
   }
 
