@@ -1,27 +1,34 @@
 /**
- * Bad input must be logged with context, but a flood of it must not flood the log: at most one
- * line per key (e.g. source + reason) per interval, saying how many were suppressed since the
- * last one. Every occurrence is still counted in metrics by the caller.
+ * Bad input must be logged with context, but a flood of it must not flood the log: per key (e.g.
+ * source + reason) at most `burst` lines per interval; the rest are suppressed and the next line
+ * logged says how many were. Every occurrence is still counted in metrics by the caller.
  */
 import type { Logger } from 'pino';
 
 export class LogLimiter {
-  private readonly last = new Map<string, { at: number; suppressed: number }>();
+  private readonly windows = new Map<string, { start: number; logged: number; suppressed: number }>();
 
   constructor(
     private readonly log: Logger,
+    private readonly burst = 10,
     private readonly intervalMs = 1000,
   ) {}
 
   warn(key: string, fields: Record<string, unknown>, msg: string): void {
     const now = Date.now();
-    const entry = this.last.get(key);
-    if (entry && now - entry.at < this.intervalMs) {
-      entry.suppressed++;
+    let w = this.windows.get(key);
+    if (!w || now - w.start >= this.intervalMs) {
+      const suppressed = w?.suppressed ?? 0;
+      w = { start: now, logged: 0, suppressed };
+      this.windows.set(key, w);
+    }
+    if (w.logged >= this.burst) {
+      w.suppressed++;
       return;
     }
-    const suppressed = entry?.suppressed ?? 0;
-    this.last.set(key, { at: now, suppressed: 0 });
+    w.logged++;
+    const suppressed = w.suppressed;
+    w.suppressed = 0;
     this.log.warn(suppressed ? { ...fields, suppressed } : fields, msg);
   }
 }
