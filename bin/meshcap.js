@@ -10,4 +10,5 @@ if (!existsSync(fileURLToPath(main))) {
   process.exit(2);
 }
 const { run } = await import(main.href);
-process.exitCode = await run(process.argv.slice(2));
+// Exit explicitly: a command that failed half-way through start-up may leave servers open.
+process.exit(await run(process.argv.slice(2)));

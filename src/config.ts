@@ -9,6 +9,7 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { validateAdminUrl } from './ingest/admin-tap-client.js';
 import { parseUdpListen } from './ingest/udp-tap-listener.js';
+import { liveConfigProblem, type LiveConfig } from './sink/live-server.js';
 
 type Kind = 'string' | 'int' | 'bool' | 'list';
 
@@ -48,6 +49,16 @@ export const SERVE_OPTIONS: OptionSpec[] = [
   { name: 'admin-max-buffered-bytes', kind: 'int', min: 1024, max: 4_294_967_295, help: "max_buffered_rx/tx_bytes asked of Envoy through /tap (Envoy's own default, 1 KiB, cuts bodies)" },
   { name: 'udp-listen', kind: 'list', help: 'receive the contrib UDP tap sink on this loopback HOST:PORT (repeatable)' },
   { name: 'watch', kind: 'list', help: 'follow file_per_tap outputs written into this directory (repeatable)' },
+  // Live viewers (docs/live.md).
+  { name: 'live-listen', kind: 'string', help: 'live endpoint HOST:PORT (TLS: raw pcapng stream and WebSocket /live); needs --live-cert, --live-key and --live-token-file and/or --live-ca' },
+  { name: 'live-cert', kind: 'string', help: 'PEM certificate (chain) of the live endpoint' },
+  { name: 'live-key', kind: 'string', help: 'PEM private key of the live endpoint' },
+  { name: 'live-token-file', kind: 'string', help: 'bearer tokens of live viewers, one per line (re-read when it changes)' },
+  { name: 'live-ca', kind: 'string', help: 'PEM CA bundle: live viewers present a client certificate signed by it' },
+  { name: 'live-auth', kind: 'string', choices: ['all', 'any'], help: 'with both --live-token-file and --live-ca: require both (all) or either (any)' },
+  { name: 'live-insecure-loopback', kind: 'string', help: '[HOST:]PORT on loopback only: UNAUTHENTICATED cleartext PCAP-over-IP (classic pcap) for Arkime/NetworkMiner' },
+  { name: 'live-viewer-buffer', kind: 'int', min: 1, max: 1024, help: 'MiB queued per live viewer before it is disconnected as slow' },
+  { name: 'live-max-viewers', kind: 'int', min: 1, max: 1024, help: 'live viewers at a time' },
 ];
 
 export interface ServeConfig {
@@ -75,6 +86,7 @@ export interface ServeConfig {
   udpListen: string[];
   /** Directories, absolute. */
   watch: string[];
+  live: LiveConfig;
 }
 
 /** The embedded defaults: `meshcap serve` with no flags runs on these. */
@@ -101,6 +113,9 @@ export function defaultServeValues(cwd: string): Record<string, unknown> {
     'admin-max-buffered-bytes': 1024 * 1024,
     'udp-listen': [],
     watch: [],
+    'live-auth': 'all',
+    'live-viewer-buffer': 8,
+    'live-max-viewers': 16,
   };
 }
 
@@ -166,7 +181,21 @@ export function loadServeConfig(argv: string[], env: NodeJS.ProcessEnv, cwd: str
       throw new ConfigError((err as Error).message);
     }
   }
+  const live: LiveConfig = {
+    listen: (values['live-listen'] as string | undefined) ?? null,
+    cert: (values['live-cert'] as string | undefined) ?? null,
+    key: (values['live-key'] as string | undefined) ?? null,
+    ca: (values['live-ca'] as string | undefined) ?? null,
+    tokenFile: (values['live-token-file'] as string | undefined) ?? null,
+    authMode: values['live-auth'] as 'all' | 'any',
+    insecureLoopback: (values['live-insecure-loopback'] as string | undefined) ?? null,
+    viewerBufferMiB: values['live-viewer-buffer'] as number,
+    maxViewers: values['live-max-viewers'] as number,
+  };
+  const liveProblem = liveConfigProblem(live);
+  if (liveProblem) throw new ConfigError(liveProblem);
   return {
+    live,
     grpcListen: listen,
     write: values.write as string,
     fileSizeMB: values['file-size'] as number,

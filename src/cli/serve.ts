@@ -3,10 +3,11 @@
  * and on SIGTERM/SIGINT flushes and closes everything within 5 s, exiting 0.
  */
 import path from 'node:path';
-import { loadServeConfig, SERVE_OPTIONS, usage, type ServeConfig } from '../config.js';
+import { ConfigError, loadServeConfig, SERVE_OPTIONS, usage, type ServeConfig } from '../config.js';
 import { ControlServer } from '../control/http-server.js';
 import { createLogger } from '../control/logger.js';
 import { createMetrics } from '../control/metrics.js';
+import { registerLiveMetrics } from '../control/live-metrics.js';
 import { PipelineStats } from '../control/stats.js';
 import { framerFor } from '../format/index.js';
 import { AdminTapClient } from '../ingest/admin-tap-client.js';
@@ -15,6 +16,7 @@ import { TapDirWatcher } from '../ingest/tap-dir-watcher.js';
 import { UdpTapListener } from '../ingest/udp-tap-listener.js';
 import { Pipeline } from '../pipeline.js';
 import { FileSink } from '../sink/file-sink.js';
+import { createLiveSink, type LiveServer } from '../sink/live-server.js';
 
 export const SERVE_USAGE = `Usage: meshcap serve [options]
 
@@ -53,6 +55,32 @@ export async function serve(argv: string[]): Promise<number> {
     log,
   );
 
+  // Live viewers start first: a bad certificate or token file stops meshcap before any file is made.
+  let live: LiveServer | null = null;
+  if (cfg.live.listen || cfg.live.insecureLoopback) {
+    live = createLiveSink(
+      {
+        listen: cfg.live.listen,
+        certFile: cfg.live.cert,
+        keyFile: cfg.live.key,
+        caFile: cfg.live.ca,
+        tokenFile: cfg.live.tokenFile,
+        authMode: cfg.live.authMode,
+        insecureLoopback: cfg.live.insecureLoopback,
+        viewerBufferBytes: cfg.live.viewerBufferMiB * 1024 * 1024,
+        maxViewers: cfg.live.maxViewers,
+        snaplen: cfg.snaplen,
+        flowInfo: (id) => pipeline.flows.flowInfo(id),
+      },
+      log,
+    );
+    try {
+      await live.start();
+    } catch (err) {
+      throw new ConfigError((err as Error).message);
+    }
+  }
+
   let shutdown: (why: string) => void = () => {};
   const fileSink = new FileSink(
     {
@@ -71,8 +99,11 @@ export async function serve(argv: string[]): Promise<number> {
     log,
   );
   pipeline.addSink(fileSink);
+  if (live) pipeline.addSink(live);
 
-  const control = cfg.metricsListen ? new ControlServer(createMetrics(stats, () => [fileSink])) : null;
+  const metrics = createMetrics(stats, () => (live ? [fileSink, live] : [fileSink]));
+  if (live) registerLiveMetrics(metrics, live);
+  const control = cfg.metricsListen ? new ControlServer(metrics) : null;
   if (control && cfg.metricsListen) await control.listen(cfg.metricsListen);
 
   const grpc = new GrpcTapServer({ listen: cfg.grpcListen, maxMessageBytes: cfg.maxMessageBytes }, pipeline, stats, log);
@@ -104,6 +135,7 @@ export async function serve(argv: string[]): Promise<number> {
       envoy_admin: admins.map((a) => `${a.url.origin} config_id=${a.configId}`),
       udp_listen: udps.map((u) => u.address),
       watch: watchers.map((w) => w.dir),
+      live: live ? liveAddresses(live) : 'off',
       write: cfg.write === '-' ? 'stdout' : path.resolve(cfg.write),
       format: cfg.format,
       metrics: control ? `http://${control.address}/metrics` : 'off',
@@ -150,6 +182,14 @@ export async function serve(argv: string[]): Promise<number> {
       t.unref();
     }
   });
+}
+
+function liveAddresses(live: LiveServer): string[] {
+  const { tls, insecure } = live.addresses;
+  const out: string[] = [];
+  if (tls) out.push(`tls://${tls.address}:${tls.port} (and wss://…/live)`);
+  if (insecure) out.push(`pcap-over-ip (UNAUTHENTICATED) ${insecure.address}:${insecure.port}`);
+  return out;
 }
 
 function logLimits(cfg: ServeConfig, log: ReturnType<typeof createLogger>): void {
