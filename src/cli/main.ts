@@ -29,8 +29,6 @@ export async function run(argv: string[]): Promise<number> {
         return await convert(rest);
       case 'extcap':
         return await (await import('./extcap.js')).extcap(rest);
-      case 'collect':
-        return await (await import('./collect.js')).collect(rest);
       case 'version':
       case '--version':
         process.stdout.write(`meshcap ${VERSION}\n`);
