@@ -8,6 +8,7 @@
  * metadata (frameOff/capLen/...).
  */
 import type { RecordFramer } from '../format/record-framer.js';
+import { checksumMemory, type WasmSum } from './wasm-checksum.js';
 
 /** Frame direction relative to Envoy, as pcapng epb_flags encodes it. */
 export const enum Direction {
@@ -38,15 +39,30 @@ export class Block {
   /** Wall-clock ms when the first frame went in (flush deadline, latency metrics). */
   firstFrameAt = 0;
 
+  /** Where buf starts in the WebAssembly memory, and the SIMD checksum over it (null: JS loop). */
+  readonly base: number;
+  readonly wasmSum: WasmSum | null;
+
+  /** `arena`: WebAssembly memory shared by a pool's blocks, and this block's offset in it. */
   constructor(
     readonly size: number,
     readonly framer: RecordFramer,
     readonly maxFrames: number,
+    arena?: { memory: WebAssembly.Memory; sum: WasmSum; offset: number },
   ) {
-    // A non-pooled ArrayBuffer at offset 0, so the Uint32Array view lines up with buf.
-    this.buf = Buffer.allocUnsafeSlow(size);
+    if (arena) {
+      this.buf = Buffer.from(arena.memory.buffer, arena.offset, size);
+      this.base = arena.offset;
+      this.wasmSum = arena.sum;
+    } else {
+      // A non-pooled ArrayBuffer at offset 0, so the word view lines up with buf.
+      this.buf = Buffer.allocUnsafeSlow(size);
+      this.base = 0;
+      this.wasmSum = null;
+    }
     this.buf.fill(0); // touch every page now, not on the hot path
-    this.u32 = new Uint32Array(this.buf.buffer, 0, size >>> 2);
+    // Word view over the whole underlying memory: index (byteOffset + offset) >>> 2.
+    this.u32 = new Uint32Array(this.buf.buffer, this.base, size >>> 2);
     this.frameOff = new Uint32Array(maxFrames);
     this.capLen = new Uint32Array(maxFrames);
     this.origLen = new Uint32Array(maxFrames);
@@ -91,8 +107,11 @@ export class BlockPool {
   constructor(count: number, size: number, framer: RecordFramer) {
     // The smallest record is a TCP ACK frame (54 bytes) plus framing.
     const maxFrames = Math.ceil(size / (54 + framer.minOverhead));
+    // Blocks 64-byte aligned inside one WebAssembly memory, so the SIMD checksum reads them.
+    const stride = (size + 63) & ~63;
+    const wasm = checksumMemory(stride * count);
     for (let i = 0; i < count; i++) {
-      const b = new Block(size, framer, maxFrames);
+      const b = new Block(size, framer, maxFrames, wasm ? { ...wasm, offset: i * stride } : undefined);
       this.all.push(b);
       this.idle.push(b);
     }

@@ -207,7 +207,9 @@ export class Slicer {
     // A SYN's sequence number is consumed by the caller (control), data's here.
     w.seq[d] = (seq + len) >>> 0;
     const lenLE = ((tcpLen & 0xff) << 8) | (tcpLen >>> 8);
-    checksumInto(b, block.u32, tcp, frameOff + capLen, w.pseudo[d]! + lenLE, tcp + 16);
+    const init = w.pseudo[d]! + lenLE;
+    if (block.wasmSum !== null) writeChecksumLE(b, tcp + 16, init + block.wasmSum(block.base + tcp, frameOff + capLen - tcp));
+    else checksumInto(b, block.u32, tcp, frameOff + capLen, init, tcp + 16);
     this.record(block, w, d, frameOff, capLen, capLen, tsSec, tsNsec, comment, drop);
   }
 
