@@ -9,6 +9,7 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { validateAdminUrl } from './ingest/admin-tap-client.js';
 import { parseUdpListen } from './ingest/udp-tap-listener.js';
+import { resolveBrokerConfig, type BrokerConfig, type BrokerFlagValues } from './sink/broker-sink.js';
 import { liveConfigProblem, type LiveConfig } from './sink/live-server.js';
 
 type Kind = 'string' | 'int' | 'bool' | 'list';
@@ -59,6 +60,18 @@ export const SERVE_OPTIONS: OptionSpec[] = [
   { name: 'live-insecure-loopback', kind: 'string', help: '[HOST:]PORT on loopback only: UNAUTHENTICATED cleartext PCAP-over-IP (classic pcap) for Arkime/NetworkMiner' },
   { name: 'live-viewer-buffer', kind: 'int', min: 1, max: 1024, help: 'MiB queued per live viewer before it is disconnected as slow' },
   { name: 'live-max-viewers', kind: 'int', min: 1, max: 1024, help: 'live viewers at a time' },
+  // Packet brokers over mutual TLS (docs/broker.md).
+  { name: 'broker', kind: 'list', help: 'forward captures to a packet broker or meshcap collect: tls://HOST:PORT (repeatable; mutual TLS only)' },
+  { name: 'broker-mode', kind: 'string', choices: ['failover', 'spread'], help: 'failover: the first broker that answers, in order; spread: flows hashed over all brokers' },
+  { name: 'broker-format', kind: 'string', choices: ['pcap', 'pcapng', 'pcap-ns'], help: 'broker stream format (default pcap: µs, Ethernet, what Arkime reads)' },
+  { name: 'broker-spiffe-id', kind: 'string', help: 'verify the broker by this SPIFFE ID (URI SAN; * and ** globs) instead of its host name' },
+  { name: 'tls-cert', kind: 'string', help: 'PEM certificate presented to brokers (reloaded when it changes)' },
+  { name: 'tls-key', kind: 'string', help: 'PEM private key of --tls-cert' },
+  { name: 'tls-ca', kind: 'string', help: 'PEM CA bundle the broker certificate must chain to' },
+  { name: 'spool-dir', kind: 'string', help: 'directory for packets waiting for a broker (default ./spool)' },
+  { name: 'spool-max', kind: 'string', help: 'spool cap: bytes, or 512M, 2G; 0 = memory only (default 1G)' },
+  { name: 'broker-queue', kind: 'string', help: 'memory queue before the spool takes over (default 64M)' },
+  { name: 'broker-replay-window', kind: 'string', help: "plain brokers: bytes resent after a broken connection, or 'auto' (default)" },
 ];
 
 export interface ServeConfig {
@@ -87,6 +100,8 @@ export interface ServeConfig {
   /** Directories, absolute. */
   watch: string[];
   live: LiveConfig;
+  /** Broker sink, or null without --broker. */
+  broker: BrokerConfig | null;
 }
 
 /** The embedded defaults: `meshcap serve` with no flags runs on these. */
@@ -196,6 +211,7 @@ export function loadServeConfig(argv: string[], env: NodeJS.ProcessEnv, cwd: str
   if (liveProblem) throw new ConfigError(liveProblem);
   return {
     live,
+    broker: brokerConfig(values, cwd),
     grpcListen: listen,
     write: values.write as string,
     fileSizeMB: values['file-size'] as number,
@@ -259,6 +275,14 @@ function coerce(spec: OptionSpec, raw: unknown, where: string): unknown {
       if (typeof raw !== 'string' || raw === '') throw new ConfigError(`${where}: "${spec.name}" must be a non-empty string`);
       if (spec.choices && !spec.choices.includes(raw)) throw new ConfigError(`${where}: "${spec.name}" must be one of ${spec.choices.join(', ')}, got "${raw}"`);
       return raw;
+  }
+}
+
+function brokerConfig(values: Record<string, unknown>, cwd: string): BrokerConfig | null {
+  try {
+    return resolveBrokerConfig(values as BrokerFlagValues, cwd);
+  } catch (err) {
+    throw new ConfigError((err as Error).message);
   }
 }
 

@@ -13,6 +13,7 @@ const USAGE = `meshcap ${VERSION}: plaintext packet capture for service meshes
 Usage:
   meshcap serve [options]            receive Envoy tap streams, write pcapng/pcap
   meshcap convert FILE... -w OUT     turn Envoy file_per_tap outputs into one capture
+  meshcap collect --listen H:P -w DIR receive captures from sidecars over mutual TLS (docs/broker.md)
   meshcap extcap install             add the meshcap interface to Wireshark/tshark (docs/live.md)
   meshcap help [serve|convert]
   meshcap version
@@ -29,6 +30,8 @@ export async function run(argv: string[]): Promise<number> {
         return await convert(rest);
       case 'extcap':
         return await (await import('./extcap.js')).extcap(rest);
+      case 'collect':
+        return await (await import('./collect.js')).collect(rest);
       case 'version':
       case '--version':
         process.stdout.write(`meshcap ${VERSION}\n`);

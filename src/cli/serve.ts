@@ -8,6 +8,10 @@ import { ControlServer } from '../control/http-server.js';
 import { createLogger } from '../control/logger.js';
 import { createMetrics } from '../control/metrics.js';
 import { registerLiveMetrics } from '../control/live-metrics.js';
+import { registerBrokerMetrics } from '../control/broker-metrics.js';
+import { TlsFilesError } from '../control/tls-files.js';
+import { createBrokerSink, type BrokerSink } from '../sink/broker-sink.js';
+import { SpoolLockedError } from '../sink/spool.js';
 import { PipelineStats } from '../control/stats.js';
 import { framerFor } from '../format/index.js';
 import { AdminTapClient } from '../ingest/admin-tap-client.js';
@@ -100,9 +104,20 @@ export async function serve(argv: string[]): Promise<number> {
   );
   pipeline.addSink(fileSink);
   if (live) pipeline.addSink(live);
+  let broker: BrokerSink | null = null;
+  if (cfg.broker) {
+    try {
+      broker = createBrokerSink(cfg.broker, cfg.snaplen, stats, log);
+    } catch (err) {
+      if (err instanceof TlsFilesError || err instanceof SpoolLockedError) throw new ConfigError(err.message);
+      throw err;
+    }
+    pipeline.addSink(broker);
+  }
 
-  const metrics = createMetrics(stats, () => (live ? [fileSink, live] : [fileSink]));
+  const metrics = createMetrics(stats, () => [fileSink, ...(live ? [live] : []), ...(broker ? [broker] : [])]);
   if (live) registerLiveMetrics(metrics, live);
+  if (broker) registerBrokerMetrics(metrics, broker);
   const control = cfg.metricsListen ? new ControlServer(metrics) : null;
   if (control && cfg.metricsListen) await control.listen(cfg.metricsListen);
 
@@ -125,6 +140,7 @@ export async function serve(argv: string[]): Promise<number> {
   if (cfg.tapConfigIds.length > 1) {
     log.warn({ config_ids: cfg.tapConfigIds }, 'Envoy allows one attached /tap stream per process: several config ids on one Envoy take turns at best; give the tapped sockets one shared config_id');
   }
+  broker?.start();
   pipeline.start();
   for (const w of watchers) await w.start();
   for (const a of admins) a.start();
@@ -136,6 +152,7 @@ export async function serve(argv: string[]): Promise<number> {
       udp_listen: udps.map((u) => u.address),
       watch: watchers.map((w) => w.dir),
       live: live ? liveAddresses(live) : 'off',
+      brokers: broker ? broker.opts.brokers.map((b) => b.label) : 'off',
       write: cfg.write === '-' ? 'stdout' : path.resolve(cfg.write),
       format: cfg.format,
       metrics: control ? `http://${control.address}/metrics` : 'off',

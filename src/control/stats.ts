@@ -23,7 +23,9 @@ export type DropCause =
   /** An event Envoy already delivered (seq_num behind). */
   | 'duplicate_event'
   /** An event rejected as bad input. */
-  | 'bad_input';
+  | 'bad_input'
+  /** The broker sink's memory queue and on-disk spool were both full (broker down or slow too long). */
+  | 'broker_spool_full';
 
 export class PipelineStats {
   readonly ingestMessages = new Map<string, number>();
