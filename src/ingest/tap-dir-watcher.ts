@@ -115,6 +115,8 @@ export class TapDirWatcher {
   private scanning: Promise<void> | null = null;
   private again = false;
   private stopped = false;
+  /** stop() was called: no new fs.watch, no timers; one last scan runs. */
+  private closing = false;
   private firstScan = true;
   private dirMissingLogged = false;
 
@@ -140,12 +142,23 @@ export class TapDirWatcher {
   }
 
   async stop(): Promise<void> {
-    this.stopped = true;
+    if (this.closing) {
+      if (this.scanning) await this.scanning;
+      return;
+    }
+    this.closing = true;
     if (this.pollTimer) clearInterval(this.pollTimer);
     if (this.soonTimer) clearTimeout(this.soonTimer);
     this.pollTimer = this.soonTimer = null;
     this.watcher?.close();
     this.watcher = null;
+    // Files outlive their writer: read what Envoy appended since the last scan before letting go.
+    try {
+      await this.scan();
+    } catch (err) {
+      this.log.error({ dir: this.dir, err: (err as Error).message }, 'final tap directory scan failed');
+    }
+    this.stopped = true;
     if (this.scanning) await this.scanning;
   }
 
@@ -169,12 +182,12 @@ export class TapDirWatcher {
   }
 
   private kick(): void {
-    if (this.stopped) return;
+    if (this.stopped || this.closing) return;
     void this.scan().catch((err) => this.log.error({ dir: this.dir, err: (err as Error).message }, 'tap directory scan failed'));
   }
 
   private startFsWatch(): void {
-    if (this.opts.useFsWatch === false || this.watcher || this.stopped) return;
+    if (this.opts.useFsWatch === false || this.watcher || this.stopped || this.closing) return;
     try {
       this.watcher = fs.watch(this.dir, { persistent: false }, () => {
         // Coalesce bursts of events into one scan shortly after.

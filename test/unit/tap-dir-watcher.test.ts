@@ -88,6 +88,16 @@ describe('tap directory watcher', () => {
     expect(tp.errors()).toEqual({});
   });
 
+  it('reads what Envoy appended just before stop(): nothing written before shutdown is lost', async () => {
+    // Polling only, and too slowly to notice the file on its own: stop() must do a last scan.
+    const w = watcher({ useFsWatch: false, pollIntervalMs: 60_000 });
+    await w.start();
+    fs.writeFileSync(path.join(dir, 'tap_3.pb_length_delimited'), delimited(fixtureStreamedSegments(3).map(encodeTrace)));
+    await w.stop();
+    expect(w.counters.messages).toBe(8);
+    expect(tp.stats.flowsClosed).toBe(1);
+  });
+
   it('follows a growing .json file (pretty JSON objects back to back), boundaries anywhere', async () => {
     const w = watcher();
     await w.start();
