@@ -7,17 +7,32 @@
  *
  * To add a benchmark: export `async function runX(opts): Promise<BenchReport>` from bench/x.ts
  * (see harness.ts) and add one line to BENCHES below.
+ *
+ * The end-to-end benchmarks (e2e, convert, overload, flows, latency) start `meshcap serve` /
+ * `meshcap convert` from bin/meshcap.js (or MESHCAP_BENCH_BIN), the null gRPC sink and the load
+ * generator as child processes, on Unix sockets and 127.0.0.1 only, in temporary directories they
+ * remove; every load is bounded in time.
  */
 import { fmt, gcExposedByFlag, machine, parseArgs, table, type BenchReport, type HarnessOptions } from './harness.js';
 import { harnessFromArgs, runSlicerBench } from './slicer.js';
+import { runE2eBench } from './e2e.js';
+import { runConvertBench } from './convert.js';
+import { runOverloadBench } from './overload.js';
+import { runFlowsBench } from './flows.js';
+import { runLatencyBench } from './latency.js';
 
 interface Entry {
   name: string;
-  run: (harness: HarnessOptions, json: boolean) => Promise<BenchReport>;
+  run: (harness: HarnessOptions, json: boolean, quick: boolean) => Promise<BenchReport>;
 }
 
 const BENCHES: Entry[] = [
   { name: 'slicer', run: (harness, json) => runSlicerBench({ harness, json, printSummary: false }) },
+  { name: 'e2e', run: (_h, json, quick) => runE2eBench({ json, quick }) },
+  { name: 'convert', run: (_h, json, quick) => runConvertBench({ json, quick }) },
+  { name: 'overload', run: (_h, json, quick) => runOverloadBench({ json, quick }) },
+  { name: 'flows', run: (_h, json, quick) => runFlowsBench({ json, quick }) },
+  { name: 'latency', run: (_h, json, quick) => runLatencyBench({ json, quick }) },
 ];
 
 const args = parseArgs(process.argv.slice(2));
@@ -32,7 +47,7 @@ const reports: BenchReport[] = [];
 for (const b of BENCHES) {
   if (args.filter && !b.name.includes(args.filter)) continue;
   console.log(`\n# ${b.name}`);
-  reports.push(await b.run(harness, args.json));
+  reports.push(await b.run(harness, args.json, args.quick));
 }
 
 console.log('\n# Summary');
