@@ -3,8 +3,7 @@
  * Returns the exit code; usage errors are 2, like tcpdump.
  */
 import { ConfigError } from '../config.js';
-import { convert, CONVERT_USAGE } from './convert.js';
-import { serve, SERVE_USAGE } from './serve.js';
+// Commands are loaded when used: `convert` need not pay for gRPC, metrics and TLS at start-up.
 
 const VERSION = '0.1.0';
 
@@ -25,9 +24,9 @@ export async function run(argv: string[]): Promise<number> {
     switch (command) {
       case undefined:
       case 'serve':
-        return await serve(rest);
+        return await (await import('./serve.js')).serve(rest);
       case 'convert':
-        return await convert(rest);
+        return await (await import('./convert.js')).convert(rest);
       case 'extcap':
         return await (await import('./extcap.js')).extcap(rest);
       case 'collect':
@@ -39,7 +38,9 @@ export async function run(argv: string[]): Promise<number> {
       case 'help':
       case '--help':
       case '-h':
-        process.stdout.write(rest[0] === 'serve' ? SERVE_USAGE : rest[0] === 'convert' ? CONVERT_USAGE : USAGE);
+        process.stdout.write(
+          rest[0] === 'serve' ? (await import('./serve.js')).SERVE_USAGE : rest[0] === 'convert' ? (await import('./convert.js')).CONVERT_USAGE : USAGE,
+        );
         return 0;
       default:
         process.stderr.write(`meshcap: unknown command "${command}"\n\n${USAGE}`);

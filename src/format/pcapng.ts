@@ -193,6 +193,8 @@ export interface InterfaceStatistics {
   received: number;
   /** Packets meshcap knows were lost (gaps, truncation, drops) while this file was open. */
   dropped: number;
+  /** opt_comment: why, when this block marks a loss in the middle of a file. */
+  comment?: string;
 }
 
 /** ISB for interface 0: isb_starttime, isb_endtime, isb_ifrecv, isb_ifdrop. */
@@ -225,6 +227,7 @@ export function interfaceStatistics(s: InterfaceStatistics): Buffer {
         [3 /* isb_endtime */, time(s.endSec, s.endNsec)],
         [4 /* isb_ifrecv */, u64(s.received)],
         [5 /* isb_ifdrop */, u64(s.dropped)],
+        ...(s.comment ? ([[1 /* opt_comment */, Buffer.from(s.comment)]] as Array<[number, Buffer]>) : []),
       ]),
     ]),
   );

@@ -70,6 +70,10 @@ export class FileSink implements BlockSink {
   private readonly rotating: boolean;
   private readonly toStdout: boolean;
   private stopped = false;
+  /** Blocks handed to writev and not yet back. */
+  private inflight = 0;
+  /** Packets dropped for backpressure since the last loss marker. */
+  private lostHere = 0;
   private openPending = false;
   packetsWritten = 0;
   bytesWritten = 0;
@@ -100,8 +104,9 @@ export class FileSink implements BlockSink {
 
   write(block: Block, release: (b: Block) => void): void {
     this.release = release;
-    if (this.stopped || this.queue.length >= this.opts.maxQueuedBlocks) {
+    if (this.stopped || this.queue.length + this.inflight >= this.opts.maxQueuedBlocks) {
       this.stats.drop(this.stopped ? 'sink_error' : 'sink_backpressure', block.count);
+      if (!this.stopped) this.lostHere += block.count;
       release(block);
       return;
     }
@@ -119,9 +124,12 @@ export class FileSink implements BlockSink {
     return this.closing;
   }
 
+  /**
+   * Writes every queued block that belongs in the current file with one writev: under load an
+   * event-loop turn can last tens of milliseconds, and one block per turn would starve the disk.
+   */
   private pump(): void {
-    const block = this.queue.shift();
-    if (!block) {
+    if (this.queue.length === 0) {
       this.writing = false;
       const idle = this.idle;
       this.idle = null;
@@ -133,40 +141,85 @@ export class FileSink implements BlockSink {
     // period leaves no empty files behind.
     if (!this.file && this.openPending) this.openNext();
     const f = this.file;
-    if (f && this.rotating && f.packets > 0 && (this.rotateDue || (this.opts.maxFileBytes > 0 && f.size + block.used > this.opts.maxFileBytes))) {
+    const first = this.queue[0]!;
+    if (f && this.rotating && f.packets > 0 && (this.rotateDue || (this.opts.maxFileBytes > 0 && f.size + first.used > this.opts.maxFileBytes))) {
       this.rotateNow();
       if (!this.stopped) this.openNext();
     }
     const target = this.file;
     if (!target) {
+      const block = this.queue.shift()!;
       this.stats.drop('sink_error', block.count);
       this.release?.(block);
       setImmediate(() => this.pump());
       return;
     }
-    fs.write(target.fd, block.buf, 0, block.used, null, (err, written) => {
-      if (err || written !== block.used) {
-        this.writeFailed(target, block, err ?? new Error(`short write: ${written} of ${block.used} bytes`));
+    this.markLoss(target);
+    // The batch: blocks in order, as long as they fit the size limit of this file.
+    const batch: Block[] = [];
+    let bytes = 0;
+    while (this.queue.length > 0) {
+      const next = this.queue[0]!;
+      if (batch.length > 0 && this.rotating && this.opts.maxFileBytes > 0 && target.size + bytes + next.used > this.opts.maxFileBytes) break;
+      batch.push(this.queue.shift()!);
+      bytes += next.used;
+    }
+    this.inflight = batch.length;
+    const views = batch.map((b) => b.buf.subarray(0, b.used));
+    fs.writev(target.fd, views, (err, written) => {
+      this.inflight = 0;
+      if (err || written !== bytes) {
+        this.writeFailed(target, batch, err ?? new Error(`short write: ${written} of ${bytes} bytes`));
       } else {
         target.size += written;
-        target.packets += block.count;
-        this.packetsWritten += block.count;
         this.bytesWritten += written;
-        if (target.packets === block.count) {
-          target.firstSec = block.tsSec[0]!;
-          target.firstNsec = block.tsNsec[0]!;
+        for (const block of batch) {
+          target.packets += block.count;
+          this.packetsWritten += block.count;
+          if (target.packets === block.count) {
+            target.firstSec = block.tsSec[0]!;
+            target.firstNsec = block.tsNsec[0]!;
+          }
+          target.lastSec = block.tsSec[block.count - 1]!;
+          target.lastNsec = block.tsNsec[block.count - 1]!;
         }
-        target.lastSec = block.tsSec[block.count - 1]!;
-        target.lastNsec = block.tsNsec[block.count - 1]!;
       }
-      this.release?.(block);
+      for (const block of batch) this.release?.(block);
       this.pump();
     });
   }
 
-  private writeFailed(f: OpenFile, block: Block, err: NodeJS.ErrnoException): void {
-    this.stats.drop('sink_error', block.count);
-    this.log.error({ err: err.message, code: err.code, file: f.part, packets: block.count }, 'capture write failed; packets dropped');
+  /**
+   * Blocks dropped because the disk could not keep up leave a mark where they are missing: an
+   * interface statistics block with the running drop count and a comment (pcapng only; the
+   * metrics count them in every format).
+   */
+  private markLoss(f: OpenFile): void {
+    if (this.lostHere === 0 || !this.opts.framer.carriesAnnotations) return;
+    const lost = this.lostHere;
+    this.lostHere = 0;
+    const now = Date.now();
+    const isb = interfaceStatistics({
+      startSec: f.packets ? f.firstSec : Math.floor(f.openedAt / 1000),
+      startNsec: f.packets ? f.firstNsec : 0,
+      endSec: Math.floor(now / 1000),
+      endNsec: (now % 1000) * 1e6,
+      received: f.packets,
+      dropped: this.stats.totalDrops() - f.dropsAtOpen,
+      comment: `meshcap: ${lost} packets dropped here: the disk could not keep up (sink_backpressure)`,
+    });
+    try {
+      fs.writeSync(f.fd, isb);
+      f.size += isb.length;
+    } catch (err) {
+      this.log.error({ err: (err as Error).message, file: f.part }, 'cannot write a loss marker');
+    }
+  }
+
+  private writeFailed(f: OpenFile, blocks: Block[], err: NodeJS.ErrnoException): void {
+    const packets = blocks.reduce((n, b) => n + b.count, 0);
+    this.stats.drop('sink_error', packets);
+    this.log.error({ err: err.message, code: err.code, file: f.part, packets }, 'capture write failed; packets dropped');
     // Cut any partial record so the file stays readable.
     try {
       if (!this.toStdout) fs.ftruncateSync(f.fd, f.size);
