@@ -24,6 +24,7 @@ import { recastPcap, splitStreams, type RecastResult, type TapStream } from '../
 import { canCapture, recordScenario, type Recording, type ScenarioName } from '../helpers/record-traffic.js';
 import { CLI_BUILT, freePort, killAll, runCli, startServe, type LogLine, type ServeProcess } from '../helpers/serve-process.js';
 import { followTcpRaw, tcpExpertProblems, tsharkFields, type FollowedStream } from '../helpers/tshark.js';
+import { GRPC_FIELDS, HTTP1_FIELDS, HTTP2_FIELDS, directions, dissect, dissectionSpec, key, onPorts, pairKey, type Dissection } from '../helpers/capture-compare.js';
 
 const ENABLED = CLI_BUILT && canCapture();
 const BASE_PORT = 27600;
@@ -36,50 +37,6 @@ interface ScenarioRun {
   rec: Recording;
   recast: RecastResult;
   origFollow: FollowedStream[];
-}
-
-const key = (e: { addr: string; port: number }) => `${e.addr}|${e.port}`;
-const pairKey = (f: FollowedStream) => [key(f.a), key(f.b)].sort().join(' <-> ');
-const onPorts = (streams: FollowedStream[], ports: number[]) => streams.filter((f) => ports.includes(f.a.port) || ports.includes(f.b.port));
-
-/** Per-direction byte streams keyed "src|port>dst|port". */
-function directions(streams: FollowedStream[]): Map<string, Buffer> {
-  const m = new Map<string, Buffer>();
-  for (const f of streams) {
-    m.set(`${key(f.a)}>${key(f.b)}`, f.aToB);
-    m.set(`${key(f.b)}>${key(f.a)}`, f.bToA);
-  }
-  return m;
-}
-
-type Dissection = Map<string, Record<string, string[]>>;
-
-/** Application-dissector fields per TCP direction, all values in frame order (as real-traffic.test.ts). */
-async function dissect(file: string, rec: Recording, protoFields: string[], filterProto: string): Promise<Dissection> {
-  const ports = rec.serverPorts.map((p) => `tcp.port==${p}`).join(' || ');
-  const head = ['ip.src', 'ipv6.src', 'tcp.srcport', 'ip.dst', 'ipv6.dst', 'tcp.dstport'];
-  const rows = await tsharkFields(file, [...head, ...protoFields], { filter: `(${ports}) && ${filterProto}`, decodeAs: rec.decodeAs, aggregator: '\u001f' });
-  const out: Dissection = new Map();
-  for (const r of rows) {
-    const dir = `${r[0] || r[1]}|${r[2]}>${r[3] || r[4]}|${r[5]}`;
-    let d = out.get(dir);
-    if (!d) out.set(dir, (d = Object.fromEntries(protoFields.map((f) => [f, [] as string[]]))));
-    protoFields.forEach((f, i) => {
-      const v = r[head.length + i]!;
-      if (v !== '') d![f]!.push(...v.split('\u001f'));
-    });
-  }
-  return out;
-}
-
-const HTTP1_FIELDS = ['http.request.method', 'http.request.uri', 'http.request.version', 'http.response.code', 'http.content_length_header', 'http.transfer_encoding'];
-const HTTP2_FIELDS = ['http2.type', 'http2.streamid', 'http2.flags', 'http2.length', 'http2.header.name', 'http2.header.value'];
-const GRPC_FIELDS = ['grpc.message_length', 'grpc.compressed_flag'];
-
-function dissectionSpec(name: ScenarioName): { fields: string[]; filter: string } {
-  if (name === 'h2c') return { fields: HTTP2_FIELDS, filter: 'http2' };
-  if (name === 'grpc') return { fields: [...HTTP2_FIELDS, ...GRPC_FIELDS], filter: 'http2' };
-  return { fields: HTTP1_FIELDS, filter: 'http' };
 }
 
 describe.skipIf(!ENABLED)('e2e: tshark -i meshcap against a running meshcap serve, fed real traffic', () => {

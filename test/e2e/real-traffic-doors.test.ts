@@ -57,6 +57,7 @@ import { recastPcap, splitStreams, type RecastResult, type TapStream } from '../
 import { canCapture, recordScenario, sleep, type Recording, type ScenarioName } from '../helpers/record-traffic.js';
 import { CLI_BUILT, killAll, startServe, type LogLine, type ServeProcess, type StopResult } from '../helpers/serve-process.js';
 import { followTcpRaw, tcpExpertProblems, tsharkFields, type FollowedStream } from '../helpers/tshark.js';
+import { GRPC_FIELDS, HTTP1_FIELDS, HTTP2_FIELDS, directions, dissectionSpec, key, onPorts, pairKey, type Dissection } from '../helpers/capture-compare.js';
 
 const ENABLED = CLI_BUILT && canCapture();
 
@@ -90,32 +91,7 @@ interface DoorRun {
   conversations: Map<string, string[]>;
 }
 
-const key = (e: { addr: string; port: number }) => `${e.addr}|${e.port}`;
-const pairKey = (f: FollowedStream) => [key(f.a), key(f.b)].sort().join(' <-> ');
-
-function directions(streams: FollowedStream[]): Map<string, Buffer> {
-  const m = new Map<string, Buffer>();
-  for (const f of streams) {
-    m.set(`${key(f.a)}>${key(f.b)}`, f.aToB);
-    m.set(`${key(f.b)}>${key(f.a)}`, f.bToA);
-  }
-  return m;
-}
-
-const onPorts = (streams: FollowedStream[], ports: number[]) => streams.filter((f) => ports.includes(f.a.port) || ports.includes(f.b.port));
-
-type Dissection = Map<string, Record<string, string[]>>;
-
-const HTTP1_FIELDS = ['http.request.method', 'http.request.uri', 'http.request.version', 'http.response.code', 'http.content_length_header', 'http.transfer_encoding'];
-const HTTP2_FIELDS = ['http2.type', 'http2.streamid', 'http2.flags', 'http2.length', 'http2.header.name', 'http2.header.value'];
-const GRPC_FIELDS = ['grpc.message_length', 'grpc.compressed_flag'];
 const ALL_FIELDS = [...HTTP1_FIELDS, ...HTTP2_FIELDS, ...GRPC_FIELDS];
-
-function dissectionSpec(name: ScenarioName): { fields: string[]; proto: string } {
-  if (name === 'h2c') return { fields: HTTP2_FIELDS, proto: 'http2' };
-  if (name === 'grpc') return { fields: [...HTTP2_FIELDS, ...GRPC_FIELDS], proto: 'http2' };
-  return { fields: HTTP1_FIELDS, proto: 'http' };
-}
 
 /**
  * real-traffic.test.ts's dissection (per TCP direction, each field's values in frame order, for
@@ -137,7 +113,7 @@ async function dissectAll(file: string, recs: Array<[ScenarioName, Recording]>):
     const hit = recs.find(([, rec]) => rec.serverPorts.includes(sport) || rec.serverPorts.includes(dport));
     if (!hit) continue;
     const spec = dissectionSpec(hit[0]);
-    if (!r[6]!.split(':').includes(spec.proto)) continue;
+    if (!r[6]!.split(':').includes(spec.filter)) continue;
     const dir = `${r[0] || r[1]}|${r[2]}>${r[3] || r[4]}|${r[5]}`;
     const byDir = out.get(hit[0])!;
     let d = byDir.get(dir);

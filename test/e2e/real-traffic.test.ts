@@ -28,6 +28,7 @@ import { ipv4HeaderChecksumOk, readCaptureFile, readTcpPackets, tcpChecksumOk } 
 import { recastPcap, splitStreams, type RecastResult, type TapStream } from '../helpers/recast.js';
 import { canCapture, recordScenario, sleep, type Recording, type ScenarioName } from '../helpers/record-traffic.js';
 import { followTcpRaw, tcpExpertProblems, tsharkFields, type FollowedStream } from '../helpers/tshark.js';
+import { GRPC_FIELDS, HTTP1_FIELDS, HTTP2_FIELDS, directions, dissect, dissectionSpec, key, onPorts, pairKey, type Dissection } from '../helpers/capture-compare.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const BUILT = fs.existsSync(path.join(ROOT, 'dist/src/cli/main.js'));
@@ -40,59 +41,6 @@ const SCENARIOS: ScenarioName[] = ['http1-large', 'h2c', 'grpc', 'ipv6', 'many']
 interface ScenarioRun {
   rec: Recording;
   recast: RecastResult;
-}
-
-const key = (e: { addr: string; port: number }) => `${e.addr}|${e.port}`;
-const pairKey = (f: FollowedStream) => [key(f.a), key(f.b)].sort().join(' <-> ');
-
-/** Per-direction byte streams keyed "src|port>dst|port". */
-function directions(streams: FollowedStream[]): Map<string, Buffer> {
-  const m = new Map<string, Buffer>();
-  for (const f of streams) {
-    m.set(`${key(f.a)}>${key(f.b)}`, f.aToB);
-    m.set(`${key(f.b)}>${key(f.a)}`, f.bToA);
-  }
-  return m;
-}
-
-const onPorts = (streams: FollowedStream[], ports: number[]) => streams.filter((f) => ports.includes(f.a.port) || ports.includes(f.b.port));
-
-type Dissection = Map<string, Record<string, string[]>>;
-
-/**
- * What Wireshark's application dissectors report, flattened per TCP direction: for each field,
- * the list of all its values in frame order. Segmentation-independent: a PDU shows up once, in
- * the frame that completes it, whatever the TCP segment boundaries were.
- */
-async function dissect(file: string, rec: Recording, protoFields: string[], filterProto: string): Promise<Dissection> {
-  const ports = rec.serverPorts.map((p) => `tcp.port==${p}`).join(' || ');
-  const head = ['ip.src', 'ipv6.src', 'tcp.srcport', 'ip.dst', 'ipv6.dst', 'tcp.dstport'];
-  const rows = await tsharkFields(file, [...head, ...protoFields], {
-    filter: `(${ports}) && ${filterProto}`,
-    decodeAs: rec.decodeAs,
-    aggregator: '\u001f',
-  });
-  const out: Dissection = new Map();
-  for (const r of rows) {
-    const dir = `${r[0] || r[1]}|${r[2]}>${r[3] || r[4]}|${r[5]}`;
-    let d = out.get(dir);
-    if (!d) out.set(dir, (d = Object.fromEntries(protoFields.map((f) => [f, [] as string[]]))));
-    protoFields.forEach((f, i) => {
-      const v = r[head.length + i]!;
-      if (v !== '') d![f]!.push(...v.split('\u001f'));
-    });
-  }
-  return out;
-}
-
-const HTTP1_FIELDS = ['http.request.method', 'http.request.uri', 'http.request.version', 'http.response.code', 'http.content_length_header', 'http.transfer_encoding'];
-const HTTP2_FIELDS = ['http2.type', 'http2.streamid', 'http2.flags', 'http2.length', 'http2.header.name', 'http2.header.value'];
-const GRPC_FIELDS = ['grpc.message_length', 'grpc.compressed_flag'];
-
-function dissectionSpec(name: ScenarioName): { fields: string[]; filter: string } {
-  if (name === 'h2c') return { fields: HTTP2_FIELDS, filter: 'http2' };
-  if (name === 'grpc') return { fields: [...HTTP2_FIELDS, ...GRPC_FIELDS], filter: 'http2' };
-  return { fields: HTTP1_FIELDS, filter: 'http' };
 }
 
 describe.skipIf(!ENABLED)('e2e: real traffic → recast tap stream → meshcap → same capture for Wireshark', () => {
