@@ -18,14 +18,10 @@
  * alone: node dist/bench/null-sink.js --listen unix:/tmp/null.sock
  */
 import fs from 'node:fs';
-import type http2 from 'node:http2';
 import * as grpc from '@grpc/grpc-js';
+import { STREAM_TAPS_PATHS, streamTapsService, widenConnectionWindows, widenStreamWindow } from '../src/ingest/grpc-tap-server.js';
 
-const STREAM_WINDOW = 4 * 1024 * 1024;
-const CONNECTION_WINDOW = 16 * 1024 * 1024;
-const PATHS = ['/envoy.service.tap.v3.TapSinkService/StreamTaps', '/envoy.service.tap.v2alpha.TapSinkService/StreamTaps'];
 const EMPTY = Buffer.alloc(0);
-const identity = (b: Buffer): Buffer => b;
 
 const argv = process.argv.slice(2);
 const listen = argv[argv.indexOf('--listen') + 1] ?? 'unix:/tmp/meshcap-null.sock';
@@ -80,30 +76,13 @@ function toDisk(msg: Buffer): void {
   if (!writing) pump();
 }
 
-interface Internals {
-  commonServerOptions?: http2.ServerOptions;
-  http2Servers?: Map<http2.Http2Server, unknown>;
-}
-
 const server = new grpc.Server({ 'grpc.max_receive_message_length': 16 * 1024 * 1024, 'grpc.max_send_message_length': 1024 });
-const internals = server as unknown as Internals;
-if (!internals.commonServerOptions) throw new Error('grpc-js internals changed: cannot widen the HTTP/2 windows as meshcap does');
-internals.commonServerOptions.settings = { ...internals.commonServerOptions.settings, initialWindowSize: STREAM_WINDOW };
+// The same service definition and HTTP/2 windows as meshcap's tap server: only the handler differs.
+if (!widenStreamWindow(server)) throw new Error('grpc-js internals changed: cannot widen the HTTP/2 windows as meshcap does');
 
-for (const path of PATHS) {
+for (const path of STREAM_TAPS_PATHS) {
   server.addService(
-    {
-      StreamTaps: {
-        path,
-        requestStream: true,
-        responseStream: false,
-        requestSerialize: identity,
-        requestDeserialize: identity,
-        responseSerialize: () => EMPTY,
-        responseDeserialize: () => ({}),
-        originalName: 'streamTaps',
-      },
-    } as grpc.ServiceDefinition,
+    streamTapsService(path),
     {
       StreamTaps: (call: grpc.ServerReadableStream<Buffer, Buffer>, callback: grpc.sendUnaryData<Buffer>) => {
         stats.streamsActive++;
@@ -135,13 +114,9 @@ for (const path of PATHS) {
 if (listen.startsWith('unix:')) fs.rmSync(listen.slice(5), { force: true });
 server.bindAsync(listen, grpc.ServerCredentials.createInsecure(), (err) => {
   if (err) throw err;
-  for (const s of internals.http2Servers?.keys() ?? []) {
-    s.on('session', (session: http2.ServerHttp2Session) => {
-      const widen = () => session.setLocalWindowSize(CONNECTION_WINDOW);
-      if (session.connecting) session.once('connect', widen);
-      else widen();
-    });
-  }
+  widenConnectionWindows(server, new Set(), (e) => {
+    throw e;
+  });
   process.send?.({ type: 'ready' });
   if (!process.send) console.error(`null sink listening on ${listen}`);
 });

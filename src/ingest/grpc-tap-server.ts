@@ -40,7 +40,38 @@ interface GrpcServerInternals {
 }
 const identity = (b: Buffer): Buffer => b;
 
-function serviceFor(path: string): grpc.ServiceDefinition {
+/**
+ * Raises the SETTINGS initial window of the http2 servers grpc-js will create (call before
+ * bindAsync). False when grpc-js internals no longer allow it.
+ */
+export function widenStreamWindow(server: grpc.Server): boolean {
+  const internals = server as unknown as GrpcServerInternals;
+  if (!internals.commonServerOptions) return false;
+  internals.commonServerOptions.settings = { ...internals.commonServerOptions.settings, initialWindowSize: STREAM_WINDOW };
+  return true;
+}
+
+/** Widens the connection window of every session of the bound http2 servers not in `seen`. */
+export function widenConnectionWindows(server: grpc.Server, seen: Set<http2.Http2Server>, onError: (err: Error) => void): void {
+  for (const h2 of (server as unknown as GrpcServerInternals).http2Servers?.keys() ?? []) {
+    if (seen.has(h2)) continue;
+    seen.add(h2);
+    h2.on('session', (session: http2.ServerHttp2Session) => {
+      const widen = (): void => {
+        try {
+          session.setLocalWindowSize(CONNECTION_WINDOW);
+        } catch (err) {
+          onError(err as Error);
+        }
+      };
+      if (session.connecting) session.once('connect', widen);
+      else widen();
+    });
+  }
+}
+
+/** The StreamTaps service at `path`, with messages left as raw Buffers (decoded by TraceDecoder). */
+export function streamTapsService(path: string): grpc.ServiceDefinition {
   return {
     StreamTaps: {
       path,
@@ -82,7 +113,7 @@ export class GrpcTapServer {
     this.widenWindows();
     for (const path of STREAM_TAPS_PATHS) {
       const version = path.includes('v2alpha') ? 'v2alpha' : 'v3';
-      this.server.addService(serviceFor(path), {
+      this.server.addService(streamTapsService(path), {
         StreamTaps: (call: grpc.ServerReadableStream<Buffer, Buffer>, callback: grpc.sendUnaryData<Buffer>) => this.stream(call, callback, version),
       });
     }
@@ -109,33 +140,13 @@ export class GrpcTapServer {
   }
 
   private widenWindows(): void {
-    const internals = this.server as unknown as GrpcServerInternals;
-    if (!internals.commonServerOptions) {
-      this.log.warn('grpc-js internals changed: HTTP/2 receive windows stay at 64 KiB (ingest will be slower)');
-      return;
-    }
-    internals.commonServerOptions.settings = { ...internals.commonServerOptions.settings, initialWindowSize: STREAM_WINDOW };
+    if (!widenStreamWindow(this.server)) this.log.warn('grpc-js internals changed: HTTP/2 receive windows stay at 64 KiB (ingest will be slower)');
   }
 
   private readonly widened = new Set<http2.Http2Server>();
 
   private widenSessionWindows(): void {
-    const servers = (this.server as unknown as GrpcServerInternals).http2Servers;
-    for (const server of servers?.keys() ?? []) {
-      if (this.widened.has(server)) continue;
-      this.widened.add(server);
-      server.on('session', (session: http2.ServerHttp2Session) => {
-        const widen = (): void => {
-          try {
-            session.setLocalWindowSize(CONNECTION_WINDOW);
-          } catch (err) {
-            this.log.debug({ err: (err as Error).message }, 'cannot widen HTTP/2 connection window');
-          }
-        };
-        if (session.connecting) session.once('connect', widen);
-        else widen();
-      });
-    }
+    widenConnectionWindows(this.server, this.widened, (err) => this.log.debug({ err: err.message }, 'cannot widen HTTP/2 connection window'));
   }
 
   /** Stops accepting; gives streams a moment to finish, then cuts them. */
