@@ -23,8 +23,8 @@ import { TestPki } from '../helpers/pki.js';
 import { recastPcap, splitStreams, type RecastResult, type TapStream } from '../helpers/recast.js';
 import { canCapture, recordScenario, type Recording, type ScenarioName } from '../helpers/record-traffic.js';
 import { CLI_BUILT, freePort, killAll, runCli, startServe, type LogLine, type ServeProcess } from '../helpers/serve-process.js';
-import { followTcpRaw, tcpExpertProblems, tsharkFields, type FollowedStream } from '../helpers/tshark.js';
-import { GRPC_FIELDS, HTTP1_FIELDS, HTTP2_FIELDS, directions, dissect, dissectionSpec, key, onPorts, pairKey, type Dissection } from '../helpers/capture-compare.js';
+import { followTcpRaw, tcpExpertProblems, type FollowedStream } from '../helpers/tshark.js';
+import { directions, dissect, dissectionSpec, onPorts, pairKey } from '../helpers/capture-compare.js';
 
 const ENABLED = CLI_BUILT && canCapture();
 const BASE_PORT = 27600;

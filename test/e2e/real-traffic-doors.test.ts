@@ -53,7 +53,7 @@ import {
 import { encodeRequests, streamTaps, type StreamTapsResult } from '../helpers/envoy-grpc-client.js';
 import { ALREADY_ATTACHED_TEXT, EmulatedEnvoyAdmin, encodeTrace, envoyJson } from '../helpers/envoy-tap-emulation.js';
 import { ipv4HeaderChecksumOk, readCaptureFile, readTcpPackets, tcpChecksumOk } from '../helpers/pcap-read.js';
-import { recastPcap, splitStreams, type RecastResult, type TapStream } from '../helpers/recast.js';
+import { recastPcap, sixEnvoyStreams, type RecastResult, type TapStream } from '../helpers/recast.js';
 import { canCapture, recordScenario, sleep, type Recording, type ScenarioName } from '../helpers/record-traffic.js';
 import { CLI_BUILT, killAll, startServe, type LogLine, type ServeProcess, type StopResult } from '../helpers/serve-process.js';
 import { followTcpRaw, tcpExpertProblems, tsharkFields, type FollowedStream } from '../helpers/tshark.js';
@@ -182,17 +182,7 @@ describe.skipIf(!ENABLED)('e2e: real traffic → stock-Envoy doors (admin /tap, 
     const origDissectP = Promise.all(SCENARIOS.map((n) => tshark(() => dissectAll(runs.get(n)!.rec.pcap, [[n, runs.get(n)!.rec]])).then((d) => [n, d.get(n)!] as const)));
 
     // 2. The same six Envoys as real-traffic.test.ts (trace ids restart at 1 per Envoy).
-    const r = (n: ScenarioName) => runs.get(n)!.recast;
-    streams = [
-      ...splitStreams(r('http1-large'), [{ nodeId: 'envoy-http1', cluster: 'web' }]),
-      ...splitStreams([r('h2c'), r('grpc')], [{ nodeId: 'envoy-h2', cluster: 'api' }]),
-      ...splitStreams(r('ipv6'), [{ nodeId: 'envoy-v6', cluster: 'web6' }]),
-      ...splitStreams(r('many'), [
-        { nodeId: 'envoy-many-a', cluster: 'many' },
-        { nodeId: 'envoy-many-b', cluster: 'many' },
-        { nodeId: 'envoy-many-c', cluster: 'many' },
-      ]),
-    ];
+    streams = sixEnvoyStreams((n) => runs.get(n)!.recast);
     const traces = (s: TapStream): TraceObject[] => s.messages.map((m) => m.msg.trace as TraceObject);
 
     // 3. Four meshcaps side by side.

@@ -25,10 +25,10 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { encodeRequests, streamTaps, type StreamTapsResult } from '../helpers/envoy-grpc-client.js';
 import { ipv4HeaderChecksumOk, readCaptureFile, readTcpPackets, tcpChecksumOk } from '../helpers/pcap-read.js';
-import { recastPcap, splitStreams, type RecastResult, type TapStream } from '../helpers/recast.js';
+import { recastPcap, sixEnvoyStreams, type RecastResult, type TapStream } from '../helpers/recast.js';
 import { canCapture, recordScenario, sleep, type Recording, type ScenarioName } from '../helpers/record-traffic.js';
 import { followTcpRaw, tcpExpertProblems, tsharkFields, type FollowedStream } from '../helpers/tshark.js';
-import { GRPC_FIELDS, HTTP1_FIELDS, HTTP2_FIELDS, directions, dissect, dissectionSpec, key, onPorts, pairKey, type Dissection } from '../helpers/capture-compare.js';
+import { directions, dissect, dissectionSpec, onPorts, pairKey } from '../helpers/capture-compare.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const BUILT = fs.existsSync(path.join(ROOT, 'dist/src/cli/main.js'));
@@ -75,17 +75,7 @@ describe.skipIf(!ENABLED)('e2e: real traffic → recast tap stream → meshcap �
     }
     for (const name of SCENARIOS) origFollow.set(name, await followTcpRaw(runs.get(name)!.rec.pcap));
 
-    const r = (n: ScenarioName) => runs.get(n)!.recast;
-    streams = [
-      ...splitStreams(r('http1-large'), [{ nodeId: 'envoy-http1', cluster: 'web' }]),
-      ...splitStreams([r('h2c'), r('grpc')], [{ nodeId: 'envoy-h2', cluster: 'api' }]),
-      ...splitStreams(r('ipv6'), [{ nodeId: 'envoy-v6', cluster: 'web6' }]),
-      ...splitStreams(r('many'), [
-        { nodeId: 'envoy-many-a', cluster: 'many' },
-        { nodeId: 'envoy-many-b', cluster: 'many' },
-        { nodeId: 'envoy-many-c', cluster: 'many' },
-      ]),
-    ];
+    streams = sixEnvoyStreams((n) => runs.get(n)!.recast);
 
     // 3. meshcap.
     child = spawn(process.execPath, [BIN, 'serve', '--grpc-listen', `unix:${sock}`, '-w', out, '--flush-interval', '100', '--metrics-listen', 'off'], {

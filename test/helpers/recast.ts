@@ -518,3 +518,21 @@ export function bytesFromMessages(messages: Array<{ msg: StreamTapsRequestObject
   for (const [k, v] of acc) out.set(k, { read: Buffer.concat(v.read), write: Buffer.concat(v.write), connection: v.connection });
   return out;
 }
+
+/**
+ * The six emulated Envoys of the real-traffic tests: one per HTTP/1.1 and IPv6 scenario, one
+ * carrying h2c and gRPC together, three sharing the many-connections scenario. Trace ids restart
+ * at 1 per Envoy, so they collide across streams on purpose.
+ */
+export function sixEnvoyStreams(recast: (name: 'http1-large' | 'h2c' | 'grpc' | 'ipv6' | 'many') => RecastResult): TapStream[] {
+  return [
+    ...splitStreams(recast('http1-large'), [{ nodeId: 'envoy-http1', cluster: 'web' }]),
+    ...splitStreams([recast('h2c'), recast('grpc')], [{ nodeId: 'envoy-h2', cluster: 'api' }]),
+    ...splitStreams(recast('ipv6'), [{ nodeId: 'envoy-v6', cluster: 'web6' }]),
+    ...splitStreams(recast('many'), [
+      { nodeId: 'envoy-many-a', cluster: 'many' },
+      { nodeId: 'envoy-many-b', cluster: 'many' },
+      { nodeId: 'envoy-many-c', cluster: 'many' },
+    ]),
+  ];
+}
