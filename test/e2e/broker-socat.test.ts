@@ -232,9 +232,13 @@ describe('broker sink → socat (plain TLS broker)', () => {
     const r = rig({ dir: d, diskFormat: 'pcap', brokers: [`tls://127.0.0.1:${b.port}`], cert: P.sidecarA.cert, key: P.sidecarA.key, ca: P.ca.cert, broker: { replayWindowBytes: window } });
     const t = new Traffic(8, 30, 48 * 1024, 41);
     await waitFor('connected', () => r.broker.lanes[0]!.connected);
-    const kills = new Set([6, 13, 20]);
+    const kills = [6, 13, 20];
     await r.feed(t, 0, t.rounds.length, 40, async (round) => {
-      if (!kills.has(round)) return;
+      const k = kills.indexOf(round);
+      if (k < 0) return;
+      // Each kill must break a live connection: on a loaded machine the reconnect backoff can
+      // outlast the rounds between two kills, and killing an idle broker proves nothing.
+      await waitFor(`connection ${k + 1} accepted`, () => r.broker.lanes[0]!.connected && b.files().length >= k + 1);
       await b.kill('SIGKILL');
       await sleep(150); // the broker stays down a moment: packets queue up
       await b.start();
