@@ -5,14 +5,17 @@
  * Cases (each: warm-up, then 3 repetitions run round-robin within its group, median reported):
  *   64 KiB events, IPv4 MSS 1460 and IPv6 MSS 1440:
  *     slicer       Slicer.data() → real Block from a BlockPool, pcapng framer, TCP + IPv4
- *                  checksums (always on), minimal BlockOutput that recycles blocks (no disk)
+ *                  checksums (always on), minimal BlockOutput that recycles blocks (no disk);
+ *                  the packet kernel (src/packet/kernel.wat) does the per-segment work
  *     baseline     copy-once memcpy: TypedArray#set of the same bytes, in MSS pieces, into the same
  *                  record positions of the same blocks, from views preallocated at setup (no
  *                  allocation per piece) — the physical limit of a copy-once design in Node
- *     copy alone   the slicer's own copy scheme, nothing else: one set() of the whole event at the
- *                  first segment's payload position, then copyWithin of each later segment to its
- *                  place, last first
- *     cksum alone  the slicer's checksum function (sumLE) over every segment of the event
+ *     set alone    the slicer's one copy, nothing else: one set() of the whole event at the first
+ *                  segment's payload position (the kernel then moves each later segment to its
+ *                  place while summing it, headers and framing included)
+ *     JS path      the same Slicer.data() over blocks without the kernel (MESHCAP_NO_WASM=1):
+ *                  copyWithin per segment, checksum loop, headers in JavaScript — what the
+ *                  kernel replaced, measured in the same run
  *     whole set    (IPv4 only) one set() of the whole 64 KiB event: the memcpy ceiling
  *   4 KiB events, IPv4 MSS 1460: slicer and copy-once baseline
  *   Pipeline (IPv4, 64 KiB and 4 KiB payloads): TraceDecoder.decodeStreamTapsRequest() on
@@ -40,7 +43,7 @@ import { loadSchema } from '../src/ingest/proto-schema.js';
 import type { StreamIdentity } from '../src/ingest/tap-event.js';
 import { TraceDecoder, type StreamState } from '../src/ingest/trace-decoder.js';
 import { BlockPool, type Block } from '../src/packet/block.js';
-import { fold, sumBytesLE, sumLE } from '../src/packet/checksum.js';
+import { fold, sumBytesLE } from '../src/packet/checksum.js';
 import { ETH_LEN, headerLength, tcpOffset } from '../src/packet/frame-template.js';
 import { Slicer, type BlockOutput } from '../src/packet/slicer.js';
 import { DEFAULT_PIPELINE, Pipeline } from '../src/pipeline.js';
@@ -110,8 +113,8 @@ class HoldingSink implements BlockSink {
   }
 }
 
-function newOutput(framer: RecordFramer = pcapngFramer): RecyclingOutput {
-  const out = new RecyclingOutput(new BlockPool(BLOCK_COUNT, BLOCK_SIZE, framer));
+function newOutput(framer: RecordFramer = pcapngFramer, useKernel = true): RecyclingOutput {
+  const out = new RecyclingOutput(new BlockPool(BLOCK_COUNT, BLOCK_SIZE, framer, useKernel));
   out.rotate();
   return out;
 }
@@ -127,13 +130,13 @@ function newFlow(v6: boolean, mss: number): TcpFlow {
 }
 
 /** `count` views of `size` bytes of random data at odd offsets of one non-pooled arena. */
-function sourceEvents(size: number, count: number): { events: Buffer[]; arena: Buffer; arenaU32: Uint32Array } {
+function sourceEvents(size: number, count: number): { events: Buffer[]; arena: Buffer } {
   const stride = size + 13;
   const arena = Buffer.allocUnsafeSlow(stride * count + 16);
   for (let i = 0; i < arena.length; i++) arena[i] = (Math.random() * 256) | 0;
   const events: Buffer[] = [];
   for (let i = 0; i < count; i++) events.push(arena.subarray(3 + i * stride, 3 + i * stride + size));
-  return { events, arena, arenaU32: new Uint32Array(arena.buffer, 0, arena.length >>> 2) };
+  return { events, arena };
 }
 
 interface Shape {
@@ -163,8 +166,8 @@ const sizeLabel = (n: number) => (n >= 1024 ? `${n / 1024} KiB` : `${n} B`);
 // ---------------------------------------------------------------------------------------------
 // Cases
 
-function slicerCase(id: string, s: Shape): Case {
-  const out = newOutput();
+function slicerCase(id: string, s: Shape, useKernel = true): Case {
+  const out = newOutput(pcapngFramer, useKernel);
   const slicer = new Slicer(out, { snaplen: DEFAULT_PIPELINE.snaplen });
   const flow = newFlow(s.v6, s.mss);
   const { events } = sourceEvents(s.eventSize, Math.max(2, Math.floor(SOURCE_BYTES / s.eventSize)));
@@ -173,7 +176,7 @@ function slicerCase(id: string, s: Shape): Case {
   let ns = 0;
   return {
     id,
-    label: `slicer ${sizeLabel(s.eventSize)} ${famLabel(s)}`,
+    label: `slicer${useKernel ? '' : ', JS path (no kernel)'} ${sizeLabel(s.eventSize)} ${famLabel(s)}`,
     packetsPerUnit: s.segments,
     payloadBytesPerUnit: s.eventSize,
     batchUnits: Math.max(8, Math.round(2_000_000 / s.eventSize)),
@@ -221,68 +224,27 @@ function baselineCase(id: string, s: Shape): Case {
   };
 }
 
-/** The slicer's copy scheme alone: one set() of the event, then copyWithin per segment, last first. */
-function copySchemeCase(id: string, s: Shape): Case {
+/** The slicer's one copy alone: set() of the event at the first segment's payload position. */
+function setAloneCase(id: string, s: Shape): Case {
   const out = newOutput();
   const { events } = sourceEvents(s.eventSize, Math.max(2, Math.floor(SOURCE_BYTES / s.eventSize)));
   const ne = events.length;
-  const seg = s.segments;
   const head = pcapngFramer.head + s.hdr;
-  // Offsets of each segment's payload relative to the first one's, in the record layout.
-  const rel = new Uint32Array(seg);
-  for (let k = 1; k < seg; k++) rel[k] = rel[k - 1]! + s.recSizes[k - 1]!;
-  const mss = s.mss;
   let e = 0;
   return {
     id,
-    label: `copy alone (set + copyWithin) ${sizeLabel(s.eventSize)} ${famLabel(s)}`,
-    packetsPerUnit: seg,
+    label: `set alone (the one copy) ${sizeLabel(s.eventSize)} ${famLabel(s)}`,
+    packetsPerUnit: s.segments,
     payloadBytesPerUnit: s.eventSize,
     batchUnits: Math.max(8, Math.round(2_000_000 / s.eventSize)),
     batch(n) {
       let block = out.current!;
       for (let i = 0; i < n; i++) {
         if (block.used + s.eventRecordBytes > block.size) block = out.rotate()!;
-        const b = block.buf;
-        const stage = block.used + head;
-        const ev = events[e]!;
-        b.set(ev, stage);
-        for (let k = seg - 1; k > 0; k--) {
-          const from = stage + k * mss;
-          b.copyWithin(stage + rel[k]!, from, from + s.lens[k]!);
-        }
+        block.buf.set(events[e]!, block.used + head);
         block.used += s.eventRecordBytes;
         if (++e === ne) e = 0;
       }
-    },
-  };
-}
-
-/** The slicer's checksum function alone, over every segment of the source event. */
-function checksumCase(id: string, s: Shape): Case {
-  const { events, arena, arenaU32 } = sourceEvents(s.eventSize, Math.max(2, Math.floor(SOURCE_BYTES / s.eventSize)));
-  const starts = events.map((ev) => ev.byteOffset - arena.byteOffset);
-  const ne = events.length;
-  const seg = s.segments;
-  const mss = s.mss;
-  let e = 0;
-  let sink = 0;
-  return {
-    id,
-    label: `checksum alone (sumLE) ${sizeLabel(s.eventSize)} ${famLabel(s)}`,
-    packetsPerUnit: seg,
-    payloadBytesPerUnit: s.eventSize,
-    batchUnits: Math.max(8, Math.round(2_000_000 / s.eventSize)),
-    batch(n) {
-      for (let i = 0; i < n; i++) {
-        const base = starts[e]!;
-        for (let k = 0; k < seg; k++) {
-          const from = base + k * mss;
-          sink = (sink + fold(sumLE(arena, arenaU32, from, from + s.lens[k]!))) & 0xffff;
-        }
-        if (++e === ne) e = 0;
-      }
-      if (sink === -1) console.log(sink); // keep the result alive
     },
   };
 }
@@ -423,8 +385,8 @@ function slicerGroups(v4 = shape(false, 1460, 65536), v6 = shape(true, 1440, 655
       cases: [
         ['memcpy-64k-v4', () => baselineCase('memcpy-64k-v4', v4)],
         ['slicer-64k-v4', () => slicerCase('slicer-64k-v4', v4)],
-        ['copy-64k-v4', () => copySchemeCase('copy-64k-v4', v4)],
-        ['cksum-64k-v4', () => checksumCase('cksum-64k-v4', v4)],
+        ['set-64k-v4', () => setAloneCase('set-64k-v4', v4)],
+        ['jsslicer-64k-v4', () => slicerCase('jsslicer-64k-v4', v4, false)],
         ['wholeset-64k', () => wholeSetCase('wholeset-64k', v4)],
       ],
     },
@@ -433,8 +395,8 @@ function slicerGroups(v4 = shape(false, 1460, 65536), v6 = shape(true, 1440, 655
       cases: [
         ['memcpy-64k-v6', () => baselineCase('memcpy-64k-v6', v6)],
         ['slicer-64k-v6', () => slicerCase('slicer-64k-v6', v6)],
-        ['copy-64k-v6', () => copySchemeCase('copy-64k-v6', v6)],
-        ['cksum-64k-v6', () => checksumCase('cksum-64k-v6', v6)],
+        ['set-64k-v6', () => setAloneCase('set-64k-v6', v6)],
+        ['jsslicer-64k-v6', () => slicerCase('jsslicer-64k-v6', v6, false)],
       ],
     },
     {
@@ -526,28 +488,27 @@ export async function runSlicerBench(opts: SlicerBenchOptions = {}): Promise<Ben
   });
   const summary: SummaryRow[] = [];
   const ratio = (a: number, b: number) => `${fmt((100 * a) / b, 0)}%`;
-  const splitRows: string[][] = [['per packet (ns)', 'slicer', 'copy (set+copyWithin)', 'checksum', 'rest (headers, framing, loop)', 'copy-once memcpy']];
+  const splitRows: string[][] = [['per packet (ns)', 'slicer', 'set (the one copy)', 'rest (kernel: move+sum, headers, framing; JS)', 'copy-once memcpy', 'JS path (no kernel)']];
   for (const [tag, s] of [['64k-v4', v4], ['64k-v6', v6]] as const) {
     const sl = get(`slicer-${tag}`);
     const base = get(`memcpy-${tag}`);
-    const cp = get(`copy-${tag}`);
-    const ck = get(`cksum-${tag}`);
+    const cp = get(`set-${tag}`);
+    const js = get(`jsslicer-${tag}`);
     if (sl && base) {
       summary.push({ bench: 'slicer', figure: `slicer 64 KiB ${famLabel(s)} (GB/s)`, value: fmt(sl.gbps), baseline: `memcpy ${fmt(base.gbps)}`, ratio: ratio(sl.gbps, base.gbps), target: '≥ 50%' });
       summary.push({ bench: 'slicer', figure: `slicer 64 KiB ${famLabel(s)} (Mpps)`, value: fmt(sl.mpps), baseline: '', ratio: '', target: '' });
     }
     if (sl) summary.push(gcRow(`64 KiB ${famLabel(s)}`, sl), allocRow(`64 KiB ${famLabel(s)}`, sl));
-    if (sl && cp && ck) {
-      splitRows.push([famLabel(s), fmt(sl.nsPerPacket, 1), fmt(cp.nsPerPacket, 1), fmt(ck.nsPerPacket, 1), fmt(sl.nsPerPacket - cp.nsPerPacket - ck.nsPerPacket, 1), base ? fmt(base.nsPerPacket, 1) : '-']);
+    if (sl && cp) {
+      splitRows.push([famLabel(s), fmt(sl.nsPerPacket, 1), fmt(cp.nsPerPacket, 1), fmt(sl.nsPerPacket - cp.nsPerPacket, 1), base ? fmt(base.nsPerPacket, 1) : '-', js ? fmt(js.nsPerPacket, 1) : '-']);
     }
+    if (sl && js) summary.push({ bench: 'slicer', figure: `slicer ${famLabel(s)}: kernel vs JS path (GB/s)`, value: fmt(sl.gbps), baseline: `JS path ${fmt(js.gbps)}`, ratio: `${fmt(sl.gbps / js.gbps, 1)}×`, target: '' });
   }
   const whole = get('wholeset-64k');
   const base4 = get('memcpy-64k-v4');
   if (whole && base4) summary.push({ bench: 'slicer', figure: 'copy-once memcpy in MSS pieces (GB/s)', value: fmt(base4.gbps), baseline: `whole-event set ${fmt(whole.gbps)}`, ratio: ratio(base4.gbps, whole.gbps), target: '' });
-  const cp4 = get('copy-64k-v4');
-  if (cp4 && base4) summary.push({ bench: 'slicer', figure: 'slicer copy scheme alone, IPv4 (GB/s)', value: fmt(cp4.gbps), baseline: `memcpy ${fmt(base4.gbps)}`, ratio: ratio(cp4.gbps, base4.gbps), target: '' });
-  const ck4 = get('cksum-64k-v4');
-  if (ck4) summary.push({ bench: 'slicer', figure: 'checksum loop alone, IPv4 (GB/s)', value: fmt(ck4.gbps), baseline: base4 ? `memcpy ${fmt(base4.gbps)}` : '', ratio: base4 ? ratio(ck4.gbps, base4.gbps) : '', target: '' });
+  const cp4 = get('set-64k-v4');
+  if (cp4 && base4) summary.push({ bench: 'slicer', figure: "slicer's one copy alone (set), IPv4 (GB/s)", value: fmt(cp4.gbps), baseline: `memcpy ${fmt(base4.gbps)}`, ratio: ratio(cp4.gbps, base4.gbps), target: '' });
   const sm = get('slicer-4k-v4');
   const smBase = get('memcpy-4k-v4');
   if (sm) summary.push({ bench: 'slicer', figure: 'slicer 4 KiB IPv4 (GB/s)', value: fmt(sm.gbps), baseline: smBase ? `memcpy ${fmt(smBase.gbps)}` : '', ratio: smBase ? ratio(sm.gbps, smBase.gbps) : '', target: '' });
@@ -562,7 +523,7 @@ export async function runSlicerBench(opts: SlicerBenchOptions = {}): Promise<Ben
   }
 
   if (splitRows.length > 1) {
-    log('\n## Where a 64 KiB event goes (median ns per packet; rest = slicer − copy − checksum)');
+    log('\n## Where a 64 KiB event goes (median ns per packet; rest = slicer − set)');
     log(table(splitRows));
   }
   if (opts.printSummary !== false) {

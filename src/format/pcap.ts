@@ -15,6 +15,11 @@ function makePcapFramer(nanoseconds: boolean): RecordFramer {
     head: 16,
     minOverhead: 16,
     carriesAnnotations: false,
+    kernelFormat: 1,
+    timestampWords(tsSec, tsNsec, out) {
+      out[0] = tsSec >>> 0;
+      out[1] = nanoseconds ? tsNsec : Math.floor(tsNsec / 1000);
+    },
     recordSize(capLen) {
       return 16 + capLen;
     },

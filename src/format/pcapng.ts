@@ -87,6 +87,13 @@ export const pcapngFramer: RecordFramer = {
   // head + flags option + end of options + trailing length
   minOverhead: EPB_HEAD + 8 + 4 + 4,
   carriesAnnotations: true,
+  kernelFormat: 0,
+
+  timestampWords(tsSec, tsNsec, out) {
+    timestampWords(tsSec, tsNsec);
+    out[0] = tsHi;
+    out[1] = tsLo;
+  },
 
   recordSize(capLen, commentLen, hasDrop) {
     let size = EPB_HEAD + pad4(capLen) + 8 /* epb_flags */ + 4 /* endofopt */ + 4 /* total length */;

@@ -29,6 +29,13 @@ export interface RecordFramer {
     comment: Buffer | null,
     dropCount: number,
   ): number;
+  /**
+   * How the packet kernel (src/packet/kernel.wat) frames this format's plain records: 0 = pcapng
+   * EPB with epb_flags, 1 = classic pcap record header.
+   */
+  readonly kernelFormat: number;
+  /** The two timestamp words of a record header (the kernel's ts0, ts1) into out[0] and out[1]. */
+  timestampWords(tsSec: number, tsNsec: number, out: Uint32Array): void;
   /** The file (or stream) header: pcap global header, or pcapng SHB + IDB. */
   fileHeader(opts: FileHeaderOptions): Buffer;
 }

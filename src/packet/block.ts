@@ -8,7 +8,7 @@
  * metadata (frameOff/capLen/...).
  */
 import type { RecordFramer } from '../format/record-framer.js';
-import { checksumMemory, type WasmSum } from './wasm-checksum.js';
+import { kernelMemory, type Kernel } from './wasm-kernel.js';
 
 /** Frame direction relative to Envoy, as pcapng epb_flags encodes it. */
 export const enum Direction {
@@ -39,26 +39,26 @@ export class Block {
   /** Wall-clock ms when the first frame went in (flush deadline, latency metrics). */
   firstFrameAt = 0;
 
-  /** Where buf starts in the WebAssembly memory, and the SIMD checksum over it (null: JS loop). */
+  /** Where buf starts in the WebAssembly memory, and the packet kernel over it (null: JS path). */
   readonly base: number;
-  readonly wasmSum: WasmSum | null;
+  readonly kernel: Kernel | null;
 
-  /** `arena`: WebAssembly memory shared by a pool's blocks, and this block's offset in it. */
+  /** `arena`: the kernel whose memory holds a pool's blocks, and this block's offset in it. */
   constructor(
     readonly size: number,
     readonly framer: RecordFramer,
     readonly maxFrames: number,
-    arena?: { memory: WebAssembly.Memory; sum: WasmSum; offset: number },
+    arena?: { kernel: Kernel; offset: number },
   ) {
     if (arena) {
-      this.buf = Buffer.from(arena.memory.buffer, arena.offset, size);
+      this.buf = Buffer.from(arena.kernel.memory.buffer, arena.offset, size);
       this.base = arena.offset;
-      this.wasmSum = arena.sum;
+      this.kernel = arena.kernel;
     } else {
       // A non-pooled ArrayBuffer at offset 0, so the word view lines up with buf.
       this.buf = Buffer.allocUnsafeSlow(size);
       this.base = 0;
-      this.wasmSum = null;
+      this.kernel = null;
     }
     this.buf.fill(0); // touch every page now, not on the hot path
     // Word view over the whole underlying memory: index (byteOffset + offset) >>> 2.
@@ -104,14 +104,15 @@ export class BlockPool {
   private readonly idle: Block[] = [];
   readonly all: Block[] = [];
 
-  constructor(count: number, size: number, framer: RecordFramer) {
+  /** `useKernel` false: the JavaScript path only (tests compare the two byte for byte). */
+  constructor(count: number, size: number, framer: RecordFramer, useKernel = true) {
     // The smallest record is a TCP ACK frame (54 bytes) plus framing.
     const maxFrames = Math.ceil(size / (54 + framer.minOverhead));
-    // Blocks 64-byte aligned inside one WebAssembly memory, so the SIMD checksum reads them.
+    // Blocks 64-byte aligned inside one WebAssembly memory, so the packet kernel works in place.
     const stride = (size + 63) & ~63;
-    const wasm = checksumMemory(stride * count);
+    const kernel = useKernel ? kernelMemory(stride * count) : null;
     for (let i = 0; i < count; i++) {
-      const b = new Block(size, framer, maxFrames, wasm ? { ...wasm, offset: i * stride } : undefined);
+      const b = new Block(size, framer, maxFrames, kernel ? { kernel, offset: i * stride } : undefined);
       this.all.push(b);
       this.idle.push(b);
     }

@@ -3,9 +3,12 @@
  * current Block with room for the output format's record framing around each frame.
  *
  * For an event longer than one MSS the payload is copied into the block once, at the position of
- * the first segment, and the later segments are then moved apart (copyWithin, last first) to open
- * gaps for their headers. Buffer#copy with offsets would allocate a view per segment; this path
- * allocates nothing per packet. Checksums are computed over the block's aligned word view.
+ * the first segment, and the later segments are then moved apart (last first) to open gaps for
+ * their headers. Buffer#copy with offsets would allocate a view per segment; this path allocates
+ * nothing per packet. Where WebAssembly SIMD is available (always, on Node 20) the packet kernel
+ * (kernel.wat) does the moving, checksums, headers and framing of a whole event in one call, summing
+ * each piece as it moves it; the JavaScript path below does the same job for the annotated first
+ * segment of a flow, and everywhere without the kernel (MESHCAP_NO_WASM=1).
  */
 import type { Block } from './block.js';
 import { checksumInto, sumBytesLE, writeChecksumLE } from './checksum.js';
@@ -53,6 +56,8 @@ export class Slicer {
   private readonly snaplen: number;
   /** Scratch: final frame offset of each segment of the chunk being laid out. */
   private readonly frameAt = new Uint32Array(MAX_SEGMENTS);
+  /** Scratch: the record header's two timestamp words for the kernel. */
+  private readonly tsWords = new Uint32Array(2);
   readonly result: SliceResult = { packets: 0, bytes: 0, dropped: 0 };
 
   constructor(
@@ -78,49 +83,135 @@ export class Slicer {
     }
     let pos = 0;
     while (pos < total) {
-      let block = this.out.current;
-      const framer = (block ?? this.firstBlock())?.framer;
-      if (!framer) return this.dropRest(w, d, total - pos, res);
-      block = this.out.current!;
-      // Lay out as many segments as fit in this block.
-      let at = block.used;
-      let n = 0;
-      let bytes = 0;
-      while (pos + bytes < total && n < MAX_SEGMENTS) {
-        const len = Math.min(w.mss, total - pos - bytes);
-        const first = pos === 0 && n === 0;
-        const size = framer.recordSize(hdr + len, first && comment ? comment.length : 0, first && drop > 0);
-        if (at + size > block.size) break;
-        this.frameAt[n++] = at + framer.head;
-        at += size;
-        bytes += len;
-      }
-      if (n === 0) {
+      const block = this.out.current ?? this.firstBlock();
+      if (!block) return this.dropRest(w, d, total - pos, res);
+      // The first segment carries the annotations (comment, drop count): the JavaScript path lays
+      // it out alone; everything else goes through the kernel where there is one.
+      const annotated = pos === 0 && (comment !== null || drop > 0);
+      const bytes =
+        block.kernel !== null && !annotated
+          ? this.kernelChunk(block, w, d, payload, pos, tsSec, tsNsec)
+          : this.jsChunk(block, w, d, payload, pos, annotated ? 1 : MAX_SEGMENTS, tsSec, tsNsec, comment, drop);
+      if (bytes === 0) {
+        // Not one more segment fits: hand the block on.
         if (block.count === 0) throw new Error(`block of ${block.size} bytes cannot hold one ${hdr + w.mss}-byte frame`);
         if (!this.out.rotate()) return this.dropRest(w, d, total - pos, res);
         continue;
       }
-      // One copy of the payload into the block, then open the header gaps from the end.
-      const stage = this.frameAt[0]! + hdr;
-      if (pos === 0 && bytes === total) block.buf.set(payload, stage);
-      else block.buf.set(payload.subarray(pos, pos + bytes), stage);
-      for (let k = n - 1; k > 0; k--) {
-        const from = stage + k * w.mss;
-        const len = k === n - 1 ? bytes - k * w.mss : w.mss;
-        block.buf.copyWithin(this.frameAt[k]! + hdr, from, from + len);
-      }
-      for (let k = 0; k < n; k++) {
-        const len = k === n - 1 ? bytes - k * w.mss : w.mss;
-        const last = pos + (k + 1) * w.mss >= total;
-        const first = pos === 0 && k === 0;
-        this.finishSegment(block, w, d, this.frameAt[k]!, len, last ? TCP_ACK | TCP_PSH : TCP_ACK, tsSec, tsNsec, hdr + len, first ? comment : null, first ? drop : 0, 0);
-      }
-      res.packets += n;
-      res.bytes += bytes;
       pos += bytes;
-      if (pos < total && !this.out.rotate()) return this.dropRest(w, d, total - pos, res);
     }
     return res;
+  }
+
+  /**
+   * As many segments of payload[pos..] as fit in the block, through the packet kernel: one copy of
+   * their bytes into the block here, everything else in one kernel call. Returns the payload bytes
+   * placed (0: not one segment fits).
+   */
+  private kernelChunk(block: Block, w: WireState, d: number, payload: Buffer, pos: number, tsSec: number, tsNsec: number): number {
+    const framer = block.framer;
+    const kernel = block.kernel!;
+    const hdr = headerLength(w.v6);
+    const mss = w.mss;
+    const rest = payload.length - pos;
+    const stride = framer.recordSize(hdr + mss, 0, false);
+    const room = block.size - block.used;
+    let n = Math.ceil(rest / mss);
+    let bytes = rest;
+    if ((n - 1) * stride + framer.recordSize(hdr + rest - (n - 1) * mss, 0, false) > room) {
+      n = Math.floor(room / stride);
+      bytes = n * mss;
+      if (n === 0) return 0;
+    }
+    const rec = block.used;
+    const first = rec + framer.head;
+    block.buf.set(pos === 0 && bytes === payload.length ? payload : payload.subarray(pos, pos + bytes), first + hdr);
+    kernel.scratchView.set(w.tmpl[d]!);
+    framer.timestampWords(tsSec, tsNsec, this.tsWords);
+    const seq = w.seq[d]!;
+    const dir = w.dirFlag[d]!;
+    const last = pos + bytes === payload.length;
+    const end = kernel.segments(
+      block.base + rec,
+      bytes,
+      mss,
+      kernel.scratch,
+      hdr,
+      w.v6 ? 1 : 0,
+      seq,
+      w.seq[d ^ 1]!,
+      w.ipId[d]!,
+      w.pseudo[d]!,
+      last ? TCP_ACK | TCP_PSH : TCP_ACK,
+      framer.kernelFormat,
+      this.tsWords[0]!,
+      this.tsWords[1]!,
+      dir,
+    );
+    // The metadata sinks re-frame from (live viewers, brokers in another format).
+    const i0 = block.count;
+    if (i0 === 0) block.firstFrameAt = Date.now();
+    let frameOff = first;
+    for (let i = i0, iEnd = i0 + n; i < iEnd; i++) {
+      const capLen = i === iEnd - 1 ? hdr + bytes - (n - 1) * mss : hdr + mss;
+      block.frameOff[i] = frameOff;
+      block.capLen[i] = capLen;
+      block.origLen[i] = capLen;
+      block.tsSec[i] = tsSec;
+      block.tsNsec[i] = tsNsec;
+      block.dir[i] = dir;
+      block.flowId[i] = w.id;
+      frameOff += stride;
+    }
+    block.count = i0 + n;
+    block.used = end - block.base;
+    w.seq[d] = (seq + bytes) >>> 0;
+    if (!w.v6) w.ipId[d] = (w.ipId[d]! + n) & 0xffff;
+    this.result.packets += n;
+    this.result.bytes += bytes;
+    return bytes;
+  }
+
+  /**
+   * The JavaScript path: up to maxSegments segments of payload[pos..] that fit in the block, the
+   * first one annotated when pos is 0. Returns the payload bytes placed (0: not one fits).
+   */
+  private jsChunk(block: Block, w: WireState, d: number, payload: Buffer, pos: number, maxSegments: number, tsSec: number, tsNsec: number, comment: Buffer | null, drop: number): number {
+    const framer = block.framer;
+    const hdr = headerLength(w.v6);
+    const total = payload.length;
+    // Lay out as many segments as fit in this block.
+    let at = block.used;
+    let n = 0;
+    let bytes = 0;
+    while (pos + bytes < total && n < maxSegments) {
+      const len = Math.min(w.mss, total - pos - bytes);
+      const first = pos === 0 && n === 0;
+      const size = framer.recordSize(hdr + len, first && comment ? comment.length : 0, first && drop > 0);
+      if (at + size > block.size) break;
+      this.frameAt[n++] = at + framer.head;
+      at += size;
+      bytes += len;
+    }
+    if (n === 0) return 0;
+    // One copy of the payload into the block, then open the header gaps from the end.
+    const stage = this.frameAt[0]! + hdr;
+    if (pos === 0 && bytes === total) block.buf.set(payload, stage);
+    else block.buf.set(payload.subarray(pos, pos + bytes), stage);
+    for (let k = n - 1; k > 0; k--) {
+      const from = stage + k * w.mss;
+      const len = k === n - 1 ? bytes - k * w.mss : w.mss;
+      block.buf.copyWithin(this.frameAt[k]! + hdr, from, from + len);
+    }
+    for (let k = 0; k < n; k++) {
+      const len = k === n - 1 ? bytes - k * w.mss : w.mss;
+      const last = pos + (k + 1) * w.mss >= total;
+      const first = pos === 0 && k === 0;
+      this.finishSegment(block, w, d, this.frameAt[k]!, len, last ? TCP_ACK | TCP_PSH : TCP_ACK, tsSec, tsNsec, hdr + len, first ? comment : null, first ? drop : 0, 0);
+    }
+    this.result.packets += n;
+    this.result.bytes += bytes;
+    return bytes;
   }
 
   /**
@@ -208,7 +299,7 @@ export class Slicer {
     w.seq[d] = (seq + len) >>> 0;
     const lenLE = ((tcpLen & 0xff) << 8) | (tcpLen >>> 8);
     const init = w.pseudo[d]! + lenLE;
-    if (block.wasmSum !== null) writeChecksumLE(b, tcp + 16, init + block.wasmSum(block.base + tcp, frameOff + capLen - tcp));
+    if (block.kernel !== null) writeChecksumLE(b, tcp + 16, init + block.kernel.sum(block.base + tcp, frameOff + capLen - tcp));
     else checksumInto(b, block.u32, tcp, frameOff + capLen, init, tcp + 16);
     this.record(block, w, d, frameOff, capLen, capLen, tsSec, tsNsec, comment, drop);
   }

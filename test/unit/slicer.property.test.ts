@@ -8,7 +8,7 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import type { Endpoint } from '../../src/flow/address.js';
 import { TcpFlow } from '../../src/flow/tcp-flow.js';
-import { pcapFramer } from '../../src/format/pcap.js';
+import { pcapFramer, pcapNsFramer } from '../../src/format/pcap.js';
 import { pcapngFramer } from '../../src/format/pcapng.js';
 import type { RecordFramer } from '../../src/format/record-framer.js';
 import { BlockPool, type Block } from '../../src/packet/block.js';
@@ -99,8 +99,8 @@ function endpoints(v6: boolean): { local: Endpoint; remote: Endpoint } {
 }
 
 /** A BlockOutput that keeps every filled block for inspection. */
-function collectingOutput(framer: RecordFramer, blockSize: number): BlockOutput & { done: Block[] } {
-  const pool = new BlockPool(64, blockSize, framer);
+function collectingOutput(framer: RecordFramer, blockSize: number, useKernel = true): BlockOutput & { done: Block[] } {
+  const pool = new BlockPool(64, blockSize, framer, useKernel);
   const out = {
     current: null as Block | null,
     done: [] as Block[],
@@ -149,6 +149,47 @@ describe('Slicer', () => {
           expect(Buffer.concat(parsed.map((p) => p.payload)).equals(Buffer.concat(payloads))).toBe(true);
           expect(flow.seq[d]).toBe(expectSeq);
           if (framer === pcapngFramer) expect(new Set(frames.map((f) => f.dir))).toEqual(new Set([flow.dirFlag[d]]));
+        },
+      ),
+      { numRuns: 150 },
+    );
+  });
+
+  it('the WebAssembly kernel and the JavaScript path write the same bytes and the same metadata', () => {
+    fc.assert(
+      fc.property(
+        fc.array(fc.record({ size: fc.integer({ min: 1, max: 70_000 }), dir: fc.integer({ min: 0, max: 1 }), comment: fc.boolean(), drop: fc.integer({ min: 0, max: 2 }) }), { minLength: 1, maxLength: 6 }),
+        fc.integer({ min: 88, max: 9000 }),
+        fc.boolean(),
+        fc.constantFrom(pcapngFramer, pcapFramer, pcapNsFramer),
+        fc.integer({ min: 0, max: 0xffffffff }),
+        (events, mss, v6, framer, seed) => {
+          const { local, remote } = endpoints(v6);
+          const run = (useKernel: boolean): Block[] => {
+            const flow = new TcpFlow(1, 'node', seed, local, remote, mss, true, '');
+            const out = collectingOutput(framer, 128 * 1024, useKernel);
+            const slicer = new Slicer(out, { snaplen: 262144 });
+            let x = seed >>> 0;
+            events.forEach((e, i) => {
+              const p = Buffer.allocUnsafe(e.size);
+              for (let j = 0; j < e.size; j++) p[j] = (x = (Math.imul(x, 1103515245) + 12345) >>> 0) >>> 24;
+              slicer.data(flow, e.dir, p, 1_700_000_000 + i * 7919, (seed + i * 104_729) % 1_000_000_000, e.comment ? Buffer.from(`c${i}`) : null, e.drop);
+            });
+            out.rotate();
+            return out.done;
+          };
+          const [k, js] = [run(true), run(false)];
+          expect(k[0]!.kernel).not.toBeNull();
+          expect(js[0]!.kernel).toBeNull();
+          expect(k.length).toBe(js.length);
+          k.forEach((a, i) => {
+            const b = js[i]!;
+            expect(a.used).toBe(b.used);
+            expect(a.count).toBe(b.count);
+            expect(a.buf.subarray(0, a.used).equals(b.buf.subarray(0, b.used))).toBe(true);
+            for (const f of ['frameOff', 'capLen', 'origLen', 'tsSec', 'tsNsec', 'dir', 'flowId', 'dropCount'] as const) expect(Array.from(a[f].subarray(0, a.count))).toEqual(Array.from(b[f].subarray(0, b.count)));
+            expect(a.comment.slice(0, a.count)).toEqual(b.comment.slice(0, b.count));
+          });
         },
       ),
       { numRuns: 150 },
