@@ -178,9 +178,9 @@ export class FlowTable {
       this.stats.payloadBytes += res.bytes;
       if (res.dropped > 0) this.noBuffer(flow, d, res.dropped);
     }
-    if (ev.kind === EventKind.Write && ev.endStream && !flow.fin[d]) {
+    if (ev.kind === EventKind.Write && ev.endStream && !flow.finSent(d)) {
       this.control(flow, d, TCP_FIN | TCP_ACK, ev);
-      flow.fin[d] = true;
+      flow.markFin(d);
     }
   }
 
@@ -197,8 +197,8 @@ export class FlowTable {
     // FIN/ACK, Envoy's final ACK.
     const envoy = flow.writeDir;
     const peer = flow.readDir;
-    if (!flow.fin[envoy]) this.control(flow, envoy, TCP_FIN | TCP_ACK, ev);
-    if (!flow.fin[peer]) this.control(flow, peer, TCP_FIN | TCP_ACK, ev);
+    if (!flow.finSent(envoy)) this.control(flow, envoy, TCP_FIN | TCP_ACK, ev);
+    if (!flow.finSent(peer)) this.control(flow, peer, TCP_FIN | TCP_ACK, ev);
     this.control(flow, envoy, TCP_ACK, ev);
     byTrace.delete(flow.traceId);
     this.byId.delete(flow.id);
@@ -226,7 +226,7 @@ export class FlowTable {
   /** Bytes lost before meshcap saw them: advance the sequence space so the gap shows. */
   private gap(flow: TcpFlow, d: number, bytes: number): void {
     const packets = Math.max(1, Math.ceil(bytes / flow.mss));
-    flow.seq[d] = (flow.seq[d]! + bytes) >>> 0;
+    flow.advanceSeq(d, bytes);
     flow.addNote(d, `${bytes} bytes missing before this segment (Envoy seq_num gap)`, packets);
     this.stats.lostBytes += bytes;
     this.stats.drop('envoy_seq_gap', packets);

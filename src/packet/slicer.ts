@@ -10,25 +10,24 @@
  * each piece as it moves it; the JavaScript path below does the same job for the annotated first
  * segment of a flow, and everywhere without the kernel (MESHCAP_NO_WASM=1).
  */
-import type { Block } from './block.js';
+import { Direction, type Block } from './block.js';
 import { checksumInto, sumBytesLE, writeChecksumLE } from './checksum.js';
-import { ETH_LEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, TCP_WINDOW_SCALE, headerLength, tcpOffset } from './frame-template.js';
+import { ETH_LEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, TCP_WINDOW_SCALE, W_IPID, W_PSEUDO, W_SEQ, headerLength, tcpOffset, writeTemplate } from './frame-template.js';
 
-/** What the slicer needs of a flow: everything per direction d (0 = client→server, 1 = back). */
+/** What the slicer needs of a flow; d is the direction (0 = client→server, 1 = back). */
 export interface WireState {
   readonly id: number;
   readonly v6: boolean;
   readonly mss: number;
-  /** Header template per direction. */
-  readonly tmpl: Buffer[];
-  /** Pseudo-header partial sums per direction (checksum.ts domain). */
-  readonly pseudo: number[];
-  /** pcapng direction flag per direction (inbound/outbound relative to Envoy). */
-  readonly dirFlag: number[];
-  /** Next sequence number per direction (uint32). */
-  readonly seq: number[];
-  /** Next IPv4 identification per direction (uint16). */
-  readonly ipId: number[];
+  /** Sequence numbers, IP ids, pseudo-header sums, addresses: frame-template.ts's layout. */
+  readonly wire: Uint32Array;
+  /** The direction Envoy received (pcapng inbound); the other one is outbound. */
+  readonly readDir: number;
+}
+
+/** pcapng direction flag of direction d of a flow, relative to Envoy. */
+function dirFlagOf(w: WireState, d: number): number {
+  return d === w.readDir ? Direction.Inbound : Direction.Outbound;
 }
 
 export interface SlicerOptions {
@@ -58,6 +57,11 @@ export class Slicer {
   private readonly frameAt = new Uint32Array(MAX_SEGMENTS);
   /** Scratch: the record header's two timestamp words for the kernel. */
   private readonly tsWords = new Uint32Array(2);
+  /** The JavaScript path's header templates (IPv4, IPv6) and whose they are now. */
+  private readonly tmpl4 = Buffer.alloc(headerLength(false));
+  private readonly tmpl6 = Buffer.alloc(headerLength(true));
+  private tmplOf: WireState | null = null;
+  private tmplDir = -1;
   readonly result: SliceResult = { packets: 0, bytes: 0, dropped: 0 };
 
   constructor(
@@ -126,10 +130,17 @@ export class Slicer {
     const rec = block.used;
     const first = rec + framer.head;
     block.buf.set(pos === 0 && bytes === payload.length ? payload : payload.subarray(pos, pos + bytes), first + hdr);
-    kernel.scratchView.set(w.tmpl[d]!);
+    // The flow's template into the kernel's scratch area, unless it is already there (the next
+    // event is usually the same flow's).
+    if (kernel.tmplOf !== w || kernel.tmplDir !== d) {
+      writeTemplate(w.wire, w.v6, d, kernel.scratchView, 0);
+      kernel.tmplOf = w;
+      kernel.tmplDir = d;
+    }
     framer.timestampWords(tsSec, tsNsec, this.tsWords);
-    const seq = w.seq[d]!;
-    const dir = w.dirFlag[d]!;
+    const wire = w.wire;
+    const seq = wire[W_SEQ + d]!;
+    const dir = dirFlagOf(w, d);
     const last = pos + bytes === payload.length;
     const end = kernel.segments(
       block.base + rec,
@@ -139,9 +150,9 @@ export class Slicer {
       hdr,
       w.v6 ? 1 : 0,
       seq,
-      w.seq[d ^ 1]!,
-      w.ipId[d]!,
-      w.pseudo[d]!,
+      wire[W_SEQ + (d ^ 1)]!,
+      wire[W_IPID + d]!,
+      wire[W_PSEUDO + d]!,
       last ? TCP_ACK | TCP_PSH : TCP_ACK,
       framer.kernelFormat,
       this.tsWords[0]!,
@@ -165,8 +176,8 @@ export class Slicer {
     }
     block.count = i0 + n;
     block.used = end - block.base;
-    w.seq[d] = (seq + bytes) >>> 0;
-    if (!w.v6) w.ipId[d] = (w.ipId[d]! + n) & 0xffff;
+    wire[W_SEQ + d] = (seq + bytes) >>> 0;
+    if (!w.v6) wire[W_IPID + d] = (wire[W_IPID + d]! + n) & 0xffff;
     this.result.packets += n;
     this.result.bytes += bytes;
     return bytes;
@@ -241,7 +252,7 @@ export class Slicer {
     }
     this.finishSegment(block, w, d, frameOff, 0, flags, tsSec, tsNsec, hdr + optLen, comment, drop, optLen);
     // SYN and FIN each consume one sequence number.
-    if (flags & (TCP_SYN | TCP_FIN)) w.seq[d] = (w.seq[d]! + 1) >>> 0;
+    if (flags & (TCP_SYN | TCP_FIN)) w.wire[W_SEQ + d] = (w.wire[W_SEQ + d]! + 1) >>> 0;
     return true;
   }
 
@@ -264,7 +275,8 @@ export class Slicer {
     optLen: number,
   ): void {
     const b = block.buf;
-    b.set(w.tmpl[d]!, frameOff);
+    const wire = w.wire;
+    b.set(this.template(w, d), frameOff);
     const tcp = frameOff + tcpOffset(w.v6);
     const tcpLen = 20 + optLen + len;
     const ip = frameOff + ETH_LEN;
@@ -273,8 +285,8 @@ export class Slicer {
       b[ip + 5] = tcpLen & 0xff;
     } else {
       const total = 20 + tcpLen;
-      const id = w.ipId[d]!;
-      w.ipId[d] = (id + 1) & 0xffff;
+      const id = wire[W_IPID + d]!;
+      wire[W_IPID + d] = (id + 1) & 0xffff;
       b[ip + 2] = total >>> 8;
       b[ip + 3] = total & 0xff;
       b[ip + 4] = id >>> 8;
@@ -282,9 +294,9 @@ export class Slicer {
       // Byte-wise over 20 bytes: the sum stays a small integer (no boxing).
       writeChecksumLE(b, ip + 10, sumBytesLE(b, ip, ip + 20));
     }
-    const seq = w.seq[d]!;
+    const seq = wire[W_SEQ + d]!;
     // A bare SYN carries no acknowledgement (Wireshark flags a non-zero one).
-    const ack = flags & TCP_ACK ? w.seq[d ^ 1]! : 0;
+    const ack = flags & TCP_ACK ? wire[W_SEQ + (d ^ 1)]! : 0;
     b[tcp + 4] = seq >>> 24;
     b[tcp + 5] = (seq >>> 16) & 0xff;
     b[tcp + 6] = (seq >>> 8) & 0xff;
@@ -296,9 +308,9 @@ export class Slicer {
     if (optLen) b[tcp + 12] = ((20 + optLen) / 4) << 4;
     b[tcp + 13] = flags;
     // A SYN's sequence number is consumed by the caller (control), data's here.
-    w.seq[d] = (seq + len) >>> 0;
+    wire[W_SEQ + d] = (seq + len) >>> 0;
     const lenLE = ((tcpLen & 0xff) << 8) | (tcpLen >>> 8);
-    const init = w.pseudo[d]! + lenLE;
+    const init = wire[W_PSEUDO + d]! + lenLE;
     if (block.kernel !== null) writeChecksumLE(b, tcp + 16, init + block.kernel.sum(block.base + tcp, frameOff + capLen - tcp));
     else checksumInto(b, block.u32, tcp, frameOff + capLen, init, tcp + 16);
     this.record(block, w, d, frameOff, capLen, capLen, tsSec, tsNsec, comment, drop);
@@ -312,11 +324,11 @@ export class Slicer {
     block.origLen[i] = origLen;
     block.tsSec[i] = tsSec;
     block.tsNsec[i] = tsNsec;
-    block.dir[i] = w.dirFlag[d]!;
+    block.dir[i] = dirFlagOf(w, d);
     block.flowId[i] = w.id;
     if (comment) block.comment[i] = comment;
     if (drop) block.dropCount[i] = drop;
-    block.used = block.framer.finish(block.buf, frameOff, capLen, origLen, tsSec, tsNsec, w.dirFlag[d]!, comment, drop);
+    block.used = block.framer.finish(block.buf, frameOff, capLen, origLen, tsSec, tsNsec, dirFlagOf(w, d), comment, drop);
   }
 
   /**
@@ -341,7 +353,8 @@ export class Slicer {
       const capPayload = capLen - Math.min(capLen, hdr);
       // The template and headers are written into a full-size header area even when the snaplen
       // cuts into them; the record only keeps capLen bytes.
-      b.set(w.tmpl[d]!, frameOff);
+      const wire = w.wire;
+      b.set(this.template(w, d), frameOff);
       if (capPayload > 0) payload.copy(b, frameOff + hdr, pos, pos + capPayload);
       const tcp = frameOff + tcpOffset(w.v6);
       const tcpLen = 20 + len;
@@ -349,23 +362,34 @@ export class Slicer {
       if (w.v6) b.writeUInt16BE(tcpLen, ip + 4);
       else {
         b.writeUInt16BE(20 + tcpLen, ip + 2);
-        b.writeUInt16BE(w.ipId[d]!, ip + 4);
-        w.ipId[d] = (w.ipId[d]! + 1) & 0xffff;
+        b.writeUInt16BE(wire[W_IPID + d]!, ip + 4);
+        wire[W_IPID + d] = (wire[W_IPID + d]! + 1) & 0xffff;
         writeChecksumLE(b, ip + 10, sumBytesLE(b, ip, ip + 20));
       }
       const last = pos + len >= total;
-      b.writeUInt32BE(w.seq[d]!, tcp + 4);
-      b.writeUInt32BE(w.seq[d ^ 1]!, tcp + 8);
+      b.writeUInt32BE(wire[W_SEQ + d]!, tcp + 4);
+      b.writeUInt32BE(wire[W_SEQ + (d ^ 1)]!, tcp + 8);
       b[tcp + 13] = last ? TCP_ACK | TCP_PSH : TCP_ACK;
       const lenLE = ((tcpLen & 0xff) << 8) | (tcpLen >>> 8);
       // Header bytes from the block, payload bytes from the source (parity: header is 20 bytes).
-      const sum = w.pseudo[d]! + lenLE + sumBytesLE(b, tcp, tcp + 20) + sumBytesLE(payload, pos, pos + len);
+      const sum = wire[W_PSEUDO + d]! + lenLE + sumBytesLE(b, tcp, tcp + 20) + sumBytesLE(payload, pos, pos + len);
       writeChecksumLE(b, tcp + 16, sum);
-      w.seq[d] = (w.seq[d]! + len) >>> 0;
+      wire[W_SEQ + d] = (wire[W_SEQ + d]! + len) >>> 0;
       this.record(block, w, d, frameOff, capLen, hdr + len, tsSec, tsNsec, first ? comment : null, first ? drop : 0);
       res.packets++;
       res.bytes += len;
     }
+  }
+
+  /** The JavaScript path's template of direction d of a flow, rebuilt only when the flow changes. */
+  private template(w: WireState, d: number): Buffer {
+    const t = w.v6 ? this.tmpl6 : this.tmpl4;
+    if (this.tmplOf !== w || this.tmplDir !== d) {
+      writeTemplate(w.wire, w.v6, d, t, 0);
+      this.tmplOf = w;
+      this.tmplDir = d;
+    }
+    return t;
   }
 
   /** A block with room for one record, rotating if needed. */
@@ -385,7 +409,7 @@ export class Slicer {
   /** Sequence space for bytes that found no block is still consumed: Wireshark shows the gap. */
   private dropRest(w: WireState, d: number, bytes: number, res: SliceResult): SliceResult {
     res.dropped += Math.ceil(bytes / w.mss);
-    w.seq[d] = (w.seq[d]! + bytes) >>> 0;
+    w.wire[W_SEQ + d] = (w.wire[W_SEQ + d]! + bytes) >>> 0;
     return res;
   }
 }

@@ -41,6 +41,9 @@ export interface Kernel {
   /** A scratch area in the memory for the flow's header template (TEMPLATE_SCRATCH bytes). */
   readonly scratch: number;
   readonly scratchView: Uint8Array;
+  /** Whose template (flow and direction) the scratch area holds now; slicers keep it current. */
+  tmplOf: unknown;
+  tmplDir: number;
 }
 
 /** Room for the longest header template (IPv6: 74 bytes), rounded to a cache line. */
@@ -81,5 +84,7 @@ export function kernelMemory(bytes: number): Kernel | null {
     segments: instance.exports.segments as WasmSegments,
     scratch,
     scratchView: new Uint8Array(memory.buffer, scratch, TEMPLATE_SCRATCH),
+    tmplOf: null,
+    tmplDir: -1,
   };
 }

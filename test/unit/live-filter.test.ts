@@ -86,7 +86,7 @@ describe('flow metadata for filters', () => {
     const fromTable = metaFromFlowInfo(flow);
     expect(fromTable).toMatchObject({ nodeId: 'node-x', traceId: '9', ports: [8443, 40000] });
     // Client → server frame: Ethernet + IPv4 + TCP from the flow's template.
-    const frame = flow.tmpl[0]!;
+    const frame = flow.template(0);
     const fromFrame = metaFromFrame(frame, 0, frame.length, { nodeId: 'node-x', traceId: '9' })!;
     expect(new Set(fromFrame.ports)).toEqual(new Set([8443, 40000]));
     expect(fromFrame.addrs.map((a) => [...a].join('.')).sort()).toEqual(['10.0.0.1', '10.0.0.2']);
@@ -103,7 +103,7 @@ describe('flow metadata for filters', () => {
   it('reads IPv6 frames, and refuses what is not IP', () => {
     const { local, remote } = resolveEndpoints({ kind: 'socket', address: 'fd00::1', port: 443 } as never, { kind: 'socket', address: 'fd00::2', port: 40000 } as never, 1);
     const flow = new TcpFlow(4, 'n', 1, local, remote, 1440, true, '');
-    const m = metaFromFrame(flow.tmpl[1]!, 0, flow.tmpl[1]!.length, null)!;
+    const m = metaFromFrame(flow.template(1), 0, flow.template(1).length, null)!;
     expect(m.ports).toEqual([443, 40000]);
     expect(m.nodeId).toBeNull();
     expect(parseLiveFilter('host=fd00::2')!.matches(m)).toBe(true);
