@@ -1,6 +1,7 @@
 /**
- * End to end (issue 5, benchmark 2): emulated Envoy sidecars → `meshcap serve` → pcapng on disk,
- * against a null grpc-js sink that receives the same streams and only counts bytes.
+ * End to end (issue 5, benchmark 2): emulated Envoy sidecars → `meshcap serve` → pcapng on disk, and
+ * → broker sink → `meshcap collect` over mutual TLS, against a null grpc-js sink that receives the
+ * same streams and only counts bytes.
  *
  * Processes: the load generator (bench/loadgen.ts: N sidecars, one HTTP/2 connection and one
  * StreamTaps stream each, over a Unix socket, replaying a seeded mix of many interleaved
@@ -19,7 +20,22 @@
  *   complete    moderate load (100 MB/s, no ring), run first, on a quiet disk: every message sent is
  *               ingested, every packet the script implies is made and written (metrics), the file
  *               holds exactly that many EPBs, its ISB agrees, and nothing was dropped.
- *   broker      TODO: through the broker sink to a local `meshcap collect` (sink still being built).
+ *   broker      the same saturating load into `meshcap serve --broker tls://127.0.0.1:PORT` (mutual TLS,
+ *               certificates made for the run with openssl: bench/lib/pki.ts), its own disk capture
+ *               off (-w - into /dev/null) and no spool (--spool-max 0), default broker format
+ *               (classic pcap) and queue (64 MiB), forwarding to a local `meshcap collect` child
+ *               (acknowledged, exactly-once protocol) that writes a ring (-C 256 -W 2): payload MB/s
+ *               delivered = ingested × packets collect wrote (its /metrics) / packets due, the
+ *               measure of the disk case with collect's files in place of serve's. One disk writer
+ *               (collect), as in the disk case (serve's file sink); what the broker sink cannot
+ *               send is dropped when its queue is full, as the file sink drops what the disk cannot
+ *               take. Drops of the broker sink are reported apart from the file sink's (/dev/null).
+ *   broker complete  the moderate load through the same path (with the default 1 GB spool, which
+ *               stays empty when nothing falls behind) into collect without a ring: once the broker
+ *               sink reports nothing undelivered, collect's files (completed by SIGTERM) are read back
+ *               (bench/lib/pcap-scan.ts: records, and TCP payload from the headers) and must hold
+ *               every packet serve made and every payload byte sent, with 0 drops, 0 gaps, 0
+ *               duplicates.
  *
  *   npx tsc -p tsconfig.json && node dist/bench/e2e.js [--quick] [--no-json] [--profile DIR]
  * --profile DIR adds one saturated meshcap run under `node --cpu-prof` and prints where its main
@@ -33,6 +49,8 @@ import { Load, type LoadDone } from './lib/load.js';
 import { scanPcapng } from './lib/pcapng-scan.js';
 import { MB, MeshcapProc, NullSinkProc, cpuSplit, memStatus, sleep, tempDir, writeResults } from './lib/procs.js';
 import { selfCheck } from './lib/tapwire.js';
+import { brokerPki, brokerServeArgs, collectedFiles, CollectProc, waitBrokerConnected, type BenchPki } from './lib/broker.js';
+import { scanPcaps } from './lib/pcap-scan.js';
 import { categorize } from './tools/cpuprofile-categories.js';
 
 export interface E2eOptions {
@@ -52,7 +70,7 @@ interface Settings {
   moderateMs: number;
 }
 
-type Kind = 'null' | 'null-disk' | 'meshcap';
+type Kind = 'null' | 'null-disk' | 'meshcap' | 'broker';
 
 interface SatRun {
   kind: Kind;
@@ -63,16 +81,32 @@ interface SatRun {
   /** Payload MB/s that reached the capture file (the null sink writes nothing: its ingest). */
   capturedMBps: number;
   msgMBps: number;
-  cpu: { serverMain: number; serverOthers: number; loadgen: number };
+  cpu: { serverMain: number; serverOthers: number; loadgen: number; collect?: number };
   dropShare: number;
   drops: Record<string, number>;
   peakRssMiB: number;
   streamsOk: boolean;
   exit: string;
+  /** Broker runs: what collect wrote in the window, and the sink's state when the load stopped. */
+  broker?: {
+    collectPackets: number;
+    collectRecordMBps: number;
+    sentMBps: number;
+    queueMiB: number;
+    undelivered: number;
+    /** Packets the broker sink dropped (meshcap_broker_dropped_packets_total), and the rest of the pipeline's drops (serve's file sink, writing to /dev/null). */
+    brokerDrops: number;
+    otherDrops: number;
+    /** Every drop of the pipeline by cause, and the broker connection's history (metrics). */
+    dropsByCause: Record<string, number>;
+    connections: number;
+    disconnects: number;
+    connectFailures: number;
+  };
 }
 
 const RING = ['-C', '256', '-W', '2'];
-const LABEL: Record<Kind, string> = { null: 'null gRPC sink', 'null-disk': 'null sink + disk writer', meshcap: 'meshcap serve' };
+const LABEL: Record<Kind, string> = { null: 'null gRPC sink', 'null-disk': 'null sink + disk writer', meshcap: 'meshcap serve', broker: 'meshcap serve → broker → collect' };
 
 function settings(quick: boolean, sidecars?: number): Settings {
   return quick
@@ -80,36 +114,64 @@ function settings(quick: boolean, sidecars?: number): Settings {
     : { reps: 2, warmMs: 1500, measureMs: 3000, sidecars: sidecars ?? 8, moderateRate: 100 * MB, moderateMs: 4000 };
 }
 
-async function saturated(kind: Kind, rep: number, s: Settings, profileDir?: string): Promise<SatRun> {
+async function saturated(kind: Kind, rep: number, s: Settings, profileDir?: string, pki?: BenchPki): Promise<SatRun> {
   const runDir = tempDir(`e2e-${kind}`);
+  let collect: CollectProc | null = null;
+  let server: MeshcapProc | NullSinkProc | null = null;
   try {
-    const server =
-      kind === 'meshcap'
-        ? await MeshcapProc.start({ dir: runDir, args: RING, ...(profileDir ? { cpuProfDir: profileDir } : {}) })
-        : await NullSinkProc.start(runDir, undefined, kind === 'null-disk' ? runDir : undefined);
-    const load = await Load.start({ target: server.target, sidecars: s.sidecars, durationMs: s.warmMs + s.measureMs + 5000 });
+    if (kind === 'broker') {
+      if (!pki) throw new Error('broker run without certificates');
+      collect = await CollectProc.start({ pki, dir: path.join(runDir, 'collect'), args: RING });
+      // -w - : serve's own capture goes to standard output, which is /dev/null here (disk off).
+      // --spool-max 0: no spool, so that one disk is written (collect's), as in the disk case; a
+      // broker sink that falls behind drops the newest packets when its 64 MiB queue is full (as
+      // the file sink drops blocks), instead of detouring everything through its spool on disk.
+      server = await MeshcapProc.start({ dir: runDir, args: ['-w', '-', ...brokerServeArgs(pki, collect, path.join(runDir, 'spool'), ['--spool-max', '0'])] });
+      await waitBrokerConnected(server, collect);
+    } else {
+      server =
+        kind === 'meshcap'
+          ? await MeshcapProc.start({ dir: runDir, args: RING, ...(profileDir ? { cpuProfDir: profileDir } : {}) })
+          : await NullSinkProc.start(runDir, undefined, kind === 'null-disk' ? runDir : undefined);
+    }
+    const srv = server;
+    const load = await Load.start({ target: srv.target, sidecars: s.sidecars, durationMs: s.warmMs + s.measureMs + 5000 });
     const read = async () => {
-      if (server instanceof NullSinkProc) {
-        const st = await server.stats();
+      if (srv instanceof NullSinkProc) {
+        const st = await srv.stats();
         // For the disk-writing null sink, "packets" are message bytes and "written" bytes on disk.
-        return { msg: st.bytes, packets: st.bytes, written: st.writtenBytes, notMade: 0, drops: {} as Record<string, number>, droppedBytes: st.droppedBytes };
+        return { msg: st.bytes, packets: st.bytes, written: st.writtenBytes, notMade: 0, drops: {} as Record<string, number>, droppedBytes: st.droppedBytes, collectBytes: 0, brokerSentBytes: 0, brokerDrops: 0 };
       }
-      const m = await server.scrape();
+      const [m, c] = await Promise.all([srv.scrape(), collect ? collect.scrape() : Promise.resolve(null)]);
       const drops: Record<string, number> = {};
       for (const [labels, v] of m.series('meshcap_dropped_packets_total')) drops[/cause="([^"]+)"/.exec(labels)?.[1] ?? labels] = v;
       // Packets the slicer could not even make (no free block) are not in meshcap_packets_total.
       const notMade = (drops.no_buffer ?? 0) + (drops.flow_table_full ?? 0);
-      return { msg: m.sum('meshcap_ingest_bytes_total', 'source="grpc"'), packets: m.sum('meshcap_packets_total'), written: m.sum('meshcap_sink_packets_written_total'), notMade, drops, droppedBytes: 0 };
+      // Written: to serve's file, or (broker) into collect's files.
+      const written = c ? c.sum('meshcap_collect_packets_total') : m.sum('meshcap_sink_packets_written_total');
+      return {
+        msg: m.sum('meshcap_ingest_bytes_total', 'source="grpc"'),
+        packets: m.sum('meshcap_packets_total'),
+        written,
+        notMade,
+        drops,
+        droppedBytes: 0,
+        collectBytes: c ? c.sum('meshcap_collect_written_bytes_total') : 0,
+        brokerSentBytes: m.sum('meshcap_broker_sent_bytes_total'),
+        brokerDrops: m.sum('meshcap_broker_dropped_packets_total'),
+      };
     };
     await sleep(s.warmMs);
     const a = await read();
     const ca = cpuSplit(server.pid);
+    const cca = collect ? cpuSplit(collect.pid).total : 0;
     const la = load.pids.map((p) => cpuSplit(p).total);
     const ta = performance.now();
     await sleep(s.measureMs);
     const b = await read();
     const tb = performance.now();
     const cb = cpuSplit(server.pid);
+    const ccb = collect ? cpuSplit(collect.pid).total : 0;
     const lb = load.pids.map((p) => cpuSplit(p).total);
     const done: LoadDone = await load.stop();
     const sec = (tb - ta) / 1000;
@@ -117,17 +179,49 @@ async function saturated(kind: Kind, rep: number, s: Settings, profileDir?: stri
     let peak = memStatus(server.pid).hwm;
     let drops: Record<string, number> = {};
     let dropShare = 0;
+    let broker: SatRun['broker'];
     const dPackets = b.packets - a.packets + (b.notMade - a.notMade);
     const dWritten = b.written - a.written;
     if (server instanceof MeshcapProc) {
+      if (collect) {
+        const m = await server.scrape();
+        broker = {
+          collectPackets: dWritten,
+          collectRecordMBps: (b.collectBytes - a.collectBytes) / sec / MB,
+          sentMBps: (b.brokerSentBytes - a.brokerSentBytes) / sec / MB,
+          queueMiB: m.sum('meshcap_broker_queue_bytes') / 2 ** 20,
+          undelivered: m.sum('meshcap_broker_undelivered_packets'),
+          brokerDrops: 0,
+          otherDrops: 0,
+          dropsByCause: {},
+          connections: m.sum('meshcap_broker_connections_total'),
+          disconnects: m.sum('meshcap_broker_disconnects_total'),
+          connectFailures: m.sum('meshcap_broker_connect_failures_total'),
+        };
+      }
       await sleep(300);
       const end = await read();
       drops = end.drops;
       const total = Object.values(drops).reduce((x, y) => x + y, 0);
       dropShare = end.packets + end.notMade > 0 ? total / (end.packets + end.notMade) : 0;
+      if (broker) {
+        // Only what the broker path lost counts here; the file sink's own drops (its capture goes
+        // to /dev/null in this run) are kept apart.
+        broker.brokerDrops = end.brokerDrops;
+        broker.otherDrops = total - end.brokerDrops;
+        broker.dropsByCause = { ...end.drops };
+        drops = end.brokerDrops > 0 ? { broker_sink: end.brokerDrops } : {};
+        dropShare = end.packets + end.notMade > 0 ? end.brokerDrops / (end.packets + end.notMade) : 0;
+      }
       peak = memStatus(server.pid).hwm;
       const e = await server.stop();
       exit = e.code === 0 ? 'exit 0' : `exit ${e.code ?? e.signal}: ${server.log.slice(-500)}`;
+      if (collect) {
+        const ce = await collect.stop();
+        exit += ce.code === 0 ? ', collect exit 0' : `, collect exit ${ce.code ?? ce.signal}: ${collect.log.slice(-500)}`;
+        // Nothing delivered in the window is a failure of the run, not a figure: say why.
+        if (dWritten <= 0) exit += `; NOTHING DELIVERED (${JSON.stringify(broker)}); serve log: ${server.log.slice(-1500)}; collect log: ${collect.log.slice(-1000)}`;
+      }
     } else {
       if (kind === 'null-disk') {
         const end = await read();
@@ -146,14 +240,23 @@ async function saturated(kind: Kind, rep: number, s: Settings, profileDir?: stri
       ingestMBps: ingest,
       capturedMBps: kind === 'null' ? ingest : dPackets > 0 ? ingest * Math.min(1, dWritten / dPackets) : 0,
       msgMBps: (b.msg - a.msg) / sec / MB,
-      cpu: { serverMain: (cb.main - ca.main) / sec, serverOthers: (cb.others - ca.others) / sec, loadgen: lb.reduce((x, y, i) => x + y - la[i]!, 0) / sec },
+      cpu: {
+        serverMain: (cb.main - ca.main) / sec,
+        serverOthers: (cb.others - ca.others) / sec,
+        loadgen: lb.reduce((x, y, i) => x + y - la[i]!, 0) / sec,
+        ...(collect ? { collect: (ccb - cca) / sec } : {}),
+      },
       dropShare,
       drops,
       peakRssMiB: peak / 2 ** 20,
       streamsOk: done.statuses.every((st) => st === 0) && done.errors.length === 0,
       exit,
+      ...(broker ? { broker } : {}),
     };
   } finally {
+    // After a failure: nothing of this run may outlive it.
+    if (server instanceof MeshcapProc && !server.exitedWith) await server.stop(2000);
+    if (collect && !collect.exitedWith) await collect.stop(2000);
     fs.rmSync(runDir, { recursive: true, force: true });
   }
 }
@@ -215,6 +318,115 @@ async function complete(s: Settings): Promise<Completeness> {
   }
 }
 
+interface BrokerCompleteness {
+  rateMBps: number;
+  seconds: number;
+  sent: LoadDone['sent'];
+  ingested: number;
+  packets: number;
+  /** Packets the broker sink accepted / collect acknowledged (serve's view). */
+  accepted: number;
+  delivered: number;
+  resent: number;
+  drops: number;
+  /** collect's own counts. */
+  collectPackets: number;
+  duplicates: number;
+  gaps: number;
+  /** Read back from collect's files. */
+  files: number;
+  filePackets: number;
+  filePayload: number;
+  partFiles: number;
+  trailing: number;
+  /** From the end of the load until the broker sink had nothing undelivered. */
+  drainMs: number;
+  ok: boolean;
+  problems: string[];
+}
+
+async function completeBroker(s: Settings, pki: BenchPki): Promise<BrokerCompleteness> {
+  const dir = tempDir('e2e-broker-complete');
+  let collect: CollectProc | null = null;
+  let server: MeshcapProc | null = null;
+  try {
+    const out = path.join(dir, 'collect');
+    collect = await CollectProc.start({ pki, dir: out });
+    server = await MeshcapProc.start({ dir, args: ['-w', '-', ...brokerServeArgs(pki, collect, path.join(dir, 'spool'))] });
+    await waitBrokerConnected(server, collect);
+    const load = await Load.start({ target: server.target, sidecars: s.sidecars, durationMs: s.moderateMs, rate: s.moderateRate });
+    const done = await load.done;
+    const t0 = performance.now();
+    // Until every packet is made (the last ones reach the sinks at the next flush, ≤ 250 ms), the
+    // broker sink holds nothing undelivered and collect acknowledged them all; at most 15 s.
+    let m = await server.scrape();
+    let drainMs = NaN;
+    const deadline = t0 + 15_000;
+    for (;;) {
+      const made = m.sum('meshcap_packets_total');
+      if (m.sum('meshcap_broker_undelivered_packets') === 0 && m.sum('meshcap_broker_delivered_packets_total') >= made && made >= done.sent.packets) {
+        drainMs = performance.now() - t0;
+        break;
+      }
+      if (performance.now() > deadline) break;
+      await sleep(20);
+      m = await server.scrape();
+    }
+    const c = await collect.scrape();
+    const e = await server.stop();
+    const ce = await collect.stop();
+    const files = collectedFiles(out);
+    const scan = scanPcaps(files);
+    const r: BrokerCompleteness = {
+      rateMBps: s.moderateRate / MB,
+      seconds: done.wallMs / 1000,
+      sent: done.sent,
+      ingested: m.sum('meshcap_ingest_messages_total', 'source="grpc"'),
+      packets: m.sum('meshcap_packets_total'),
+      accepted: m.sum('meshcap_broker_accepted_packets_total'),
+      delivered: m.sum('meshcap_broker_delivered_packets_total'),
+      resent: m.sum('meshcap_broker_resent_packets_total'),
+      drops: m.sum('meshcap_dropped_packets_total'),
+      collectPackets: c.sum('meshcap_collect_packets_total'),
+      duplicates: c.sum('meshcap_collect_duplicate_packets_total'),
+      gaps: c.sum('meshcap_collect_gap_packets_total'),
+      files: files.length,
+      filePackets: scan.packets,
+      filePayload: scan.payload,
+      partFiles: files.filter((f) => f.endsWith('.part')).length,
+      trailing: scan.trailing,
+      drainMs,
+      ok: false,
+      problems: [],
+    };
+    const p = r.problems;
+    if (!done.statuses.every((st) => st === 0)) p.push(`stream statuses ${JSON.stringify(done.statuses)} ${done.messages.join('; ')}`);
+    if (r.ingested !== done.sent.messages) p.push(`messages: sent ${done.sent.messages}, ingested ${r.ingested}`);
+    if (r.packets !== done.sent.packets) p.push(`packets: expected ${done.sent.packets}, made ${r.packets}`);
+    if (Number.isNaN(drainMs)) p.push(`not delivered within 15 s: ${m.sum('meshcap_broker_undelivered_packets')} undelivered`);
+    if (r.accepted !== r.packets || r.delivered !== r.packets) p.push(`packets made ${r.packets}, accepted by the broker sink ${r.accepted}, delivered ${r.delivered}`);
+    if (r.drops !== 0) p.push(`drops ${r.drops}: ${JSON.stringify(m.series('meshcap_dropped_packets_total'))}`);
+    if (r.collectPackets !== r.packets) p.push(`collect wrote ${r.collectPackets} packets, meshcap made ${r.packets}`);
+    if (r.duplicates !== 0 || r.gaps !== 0) p.push(`collect: ${r.duplicates} duplicates skipped, ${r.gaps} packets missing (gaps)`);
+    if (r.filePackets !== r.packets) p.push(`collect's files hold ${r.filePackets} packets, meshcap made ${r.packets}`);
+    if (r.filePayload !== done.sent.payload) p.push(`collect's files hold ${r.filePayload} payload bytes, sent ${done.sent.payload}`);
+    if (r.partFiles !== 0 || r.trailing !== 0) p.push(`${r.partFiles} .part files, ${r.trailing} trailing bytes after SIGTERM`);
+    if (scan.other !== 0 || scan.truncated !== 0) p.push(`${scan.other} frames not TCP, ${scan.truncated} truncated`);
+    if (e.code !== 0) p.push(`meshcap exit ${e.code ?? e.signal}`);
+    if (ce.code !== 0) p.push(`collect exit ${ce.code ?? ce.signal}`);
+    const errs = m.series('meshcap_ingest_errors_total').filter(([, v]) => v > 0);
+    if (errs.length) p.push(`ingest errors ${JSON.stringify(errs)}`);
+    const fails = m.series('meshcap_broker_connect_failures_total').filter(([, v]) => v > 0);
+    if (fails.length || m.sum('meshcap_broker_disconnects_total') > 0) p.push(`broker connection trouble: ${JSON.stringify(fails)}, ${m.sum('meshcap_broker_disconnects_total')} disconnects`);
+    r.ok = p.length === 0;
+    return r;
+  } finally {
+    if (server && !server.exitedWith) await server.stop(2000);
+    if (collect && !collect.exitedWith) await collect.stop(2000);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 const med = (xs: number[]) => {
   const s = [...xs].sort((a, b) => a - b);
   const m = s.length >> 1;
@@ -227,39 +439,95 @@ export async function runE2eBench(o: E2eOptions = {}): Promise<BenchReport> {
   await selfCheck();
   const started = Date.now();
   const runs: SatRun[] = [];
-  log(`\n## Capture complete at moderate load (${s.moderateRate / MB} MB/s of messages, ${s.moderateMs / 1000} s, one file, no ring)`);
-  const c = await complete(s);
-  log(
-    table([
-      ['messages sent', 'ingested', 'packets expected', 'made', 'written', 'EPBs in file', 'ISB ifrecv/ifdrop', 'dropped', 'verdict'],
-      [String(c.sent.messages), String(c.ingested), String(c.sent.packets), String(c.packets), String(c.written), String(c.filePackets), `${c.isbRecv}/${c.isbDrop}`, String(c.drops), c.ok ? 'complete' : `INCOMPLETE: ${c.problems.join('; ')}`],
-    ]),
-  );
+  // Certificates for the broker cases (CA, collect's and the sidecar's), removed at the end.
+  const pkiDir = tempDir('e2e-pki');
+  let bc: BrokerCompleteness;
+  let c: Completeness;
+  try {
+    const pki = await brokerPki(pkiDir);
+    log(`\n## Capture complete at moderate load (${s.moderateRate / MB} MB/s of messages, ${s.moderateMs / 1000} s, one file, no ring)`);
+    c = await complete(s);
+    log(
+      table([
+        ['messages sent', 'ingested', 'packets expected', 'made', 'written', 'EPBs in file', 'ISB ifrecv/ifdrop', 'dropped', 'verdict'],
+        [String(c.sent.messages), String(c.ingested), String(c.sent.packets), String(c.packets), String(c.written), String(c.filePackets), `${c.isbRecv}/${c.isbDrop}`, String(c.drops), c.ok ? 'complete' : `INCOMPLETE: ${c.problems.join('; ')}`],
+      ]),
+    );
+    log(`\n## Delivered complete through the broker sink to meshcap collect at moderate load (same load; serve's disk capture off, collect: no ring)`);
+    bc = await completeBroker(s, pki);
+    log(
+      table([
+        ['messages sent', 'ingested', 'packets expected', 'made', 'accepted/delivered (serve)', 'written (collect)', 'in collect\'s files', 'payload in files / sent', 'dropped', 'dup/gaps', 'drained after load (ms)', 'verdict'],
+        [
+          String(bc.sent.messages),
+          String(bc.ingested),
+          String(bc.sent.packets),
+          String(bc.packets),
+          `${bc.accepted}/${bc.delivered}`,
+          String(bc.collectPackets),
+          `${bc.filePackets} (${bc.files} file${bc.files === 1 ? '' : 's'})`,
+          `${bc.filePayload}/${bc.sent.payload}`,
+          String(bc.drops),
+          `${bc.duplicates}/${bc.gaps}`,
+          fmt(bc.drainMs, 0),
+          bc.ok ? 'complete' : `INCOMPLETE: ${bc.problems.join('; ')}`,
+        ],
+      ]),
+    );
 
-  log(`\n## Saturated: ${s.sidecars} sidecars, as fast as HTTP/2 flow control admits; ${fmt(s.warmMs / 1000, 1)} s warm-up, ${fmt(s.measureMs / 1000, 1)} s measured; ${s.reps} repetition(s), order alternating`);
-  const rows = [['run', 'ingest MB/s', 'captured MB/s', 'msg MB/s', 'CPU main', 'CPU other thr', 'CPU loadgen', 'dropped', 'peak RSS MiB', 'streams', 'exit']];
-  const row = (r: SatRun) => [
-    `${LABEL[r.kind]} #${r.rep + 1}`,
-    fmt(r.ingestMBps, 0),
-    r.kind === 'null' ? '-' : fmt(r.capturedMBps, 0),
-    fmt(r.msgMBps, 0),
-    fmt(r.cpu.serverMain, 2),
-    fmt(r.cpu.serverOthers, 2),
-    fmt(r.cpu.loadgen, 2),
-    r.kind === 'null' ? '-' : `${fmt(100 * r.dropShare, 1)}% ${Object.keys(r.drops).join(',')}`.trim(),
-    fmt(r.peakRssMiB, 0),
-    r.streamsOk ? 'ok' : 'FAILED',
-    r.exit,
-  ];
-  for (let rep = 0; rep < s.reps; rep++) {
-    const order: Kind[] = rep % 2 === 0 ? ['null', 'null-disk', 'meshcap'] : ['meshcap', 'null-disk', 'null'];
-    for (const kind of order) {
-      const r = await saturated(kind, rep, s);
-      runs.push(r);
-      rows.push(row(r));
+    log(`\n## Saturated: ${s.sidecars} sidecars, as fast as HTTP/2 flow control admits; ${fmt(s.warmMs / 1000, 1)} s warm-up, ${fmt(s.measureMs / 1000, 1)} s measured; ${s.reps} repetition(s), order alternating`);
+    log('(captured: into serve\'s capture file; for the broker run, into collect\'s files. CPU collect: all threads of meshcap collect)');
+    const rows = [['run', 'ingest MB/s', 'captured MB/s', 'msg MB/s', 'CPU main', 'CPU other thr', 'CPU loadgen', 'CPU collect', 'dropped', 'peak RSS MiB', 'streams', 'exit']];
+    const row = (r: SatRun) => [
+      `${LABEL[r.kind]} #${r.rep + 1}`,
+      fmt(r.ingestMBps, 0),
+      r.kind === 'null' ? '-' : fmt(r.capturedMBps, 0),
+      fmt(r.msgMBps, 0),
+      fmt(r.cpu.serverMain, 2),
+      fmt(r.cpu.serverOthers, 2),
+      fmt(r.cpu.loadgen, 2),
+      r.cpu.collect === undefined ? '-' : fmt(r.cpu.collect, 2),
+      r.kind === 'null' ? '-' : `${fmt(100 * r.dropShare, 1)}% ${Object.keys(r.drops).join(',')}`.trim(),
+      fmt(r.peakRssMiB, 0),
+      r.streamsOk ? 'ok' : 'FAILED',
+      r.exit,
+    ];
+    for (let rep = 0; rep < s.reps; rep++) {
+      const order: Kind[] = rep % 2 === 0 ? ['null', 'null-disk', 'meshcap', 'broker'] : ['broker', 'meshcap', 'null-disk', 'null'];
+      for (const kind of order) {
+        const r = await saturated(kind, rep, s, undefined, pki);
+        runs.push(r);
+        rows.push(row(r));
+      }
     }
+    log(table(rows));
+    const brokerRuns = runs.filter((r) => r.broker);
+    if (brokerRuns.length) {
+      log('\nBroker runs, measured window: what serve sent (record bytes, TLS and framing excluded), what collect wrote, and the broker sink when the load stopped');
+      log(
+        table([
+          ['run', 'sent by serve MB/s', 'written by collect MB/s', 'collect packets', 'memory queue MiB', 'undelivered packets', 'dropped: broker sink', 'dropped: other (file sink → /dev/null)', 'connections / lost / failed'],
+          ...brokerRuns.map((r) => {
+            const b = r.broker!;
+            const other = Object.entries(b.dropsByCause).filter(([k]) => k !== 'broker_spool_full');
+            return [
+              `#${r.rep + 1}`,
+              fmt(b.sentMBps, 0),
+              fmt(b.collectRecordMBps, 0),
+              String(b.collectPackets),
+              fmt(b.queueMiB, 1),
+              String(b.undelivered),
+              String(b.brokerDrops),
+              b.otherDrops > 0 ? `${b.otherDrops} (${other.map(([k, v]) => `${k} ${v}`).join(', ')})` : '0',
+              `${b.connections} / ${b.disconnects} / ${b.connectFailures}`,
+            ];
+          }),
+        ]),
+      );
+    }
+  } finally {
+    fs.rmSync(pkiDir, { recursive: true, force: true });
   }
-  log(table(rows));
 
 
   let profile: { file: string; shares: Array<[string, number]>; run: SatRun } | null = null;
@@ -282,6 +550,8 @@ export async function runE2eBench(o: E2eOptions = {}): Promise<BenchReport> {
   const nulls = runs.filter((r) => r.kind === 'null');
   const disks = runs.filter((r) => r.kind === 'null-disk');
   const mc = runs.filter((r) => r.kind === 'meshcap');
+  const br = runs.filter((r) => r.kind === 'broker');
+  const delivered = med(br.map((r) => r.capturedMBps));
   const nullMBps = med(nulls.map((r) => r.ingestMBps));
   const diskMBps = med(disks.map((r) => r.capturedMBps));
   const ingest = med(mc.map((r) => r.ingestMBps));
@@ -312,13 +582,23 @@ export async function runE2eBench(o: E2eOptions = {}): Promise<BenchReport> {
       ratio: c.ok ? 'complete' : 'INCOMPLETE',
       target: 'all, 0 drops',
     },
-    { bench: 'e2e', figure: 'TODO via broker sink → local meshcap collect', value: 'TODO', baseline: 'not measured: broker sink in progress', ratio: '', target: '≥ 80%' },
+    { bench: 'e2e', figure: `payload delivered to meshcap collect (mTLS), ${s.sidecars} sidecars saturating (MB/s)`, value: fmt(delivered, 0), baseline: `null gRPC sink ${fmt(nullMBps, 0)}`, ratio: pct(delivered, nullMBps), target: '≥ 80%' },
+    { bench: 'e2e', figure: 'payload ingested by meshcap with the broker sink, saturating (MB/s)', value: fmt(med(br.map((r) => r.ingestMBps)), 0), baseline: `null gRPC sink ${fmt(nullMBps, 0)}`, ratio: pct(med(br.map((r) => r.ingestMBps)), nullMBps), target: '' },
+    { bench: 'e2e', figure: 'packets dropped by the broker sink at saturation (share)', value: `${fmt(100 * med(br.map((r) => r.dropShare)), 1)}%`, baseline: '', ratio: '', target: '' },
+    {
+      bench: 'e2e',
+      figure: `delivered to collect at ${s.moderateRate / MB} MB/s (packets in its files / sent)`,
+      value: `${bc.filePackets}/${bc.sent.packets}`,
+      baseline: '',
+      ratio: bc.ok ? 'complete' : 'INCOMPLETE',
+      target: 'all, 0 drops',
+    },
   ];
   const elapsed = (Date.now() - started) / 1000;
   log(`\n(e2e in ${fmt(elapsed, 1)} s)`);
   const report: BenchReport = { name: 'e2e', summary };
   if (o.json !== false) {
-    report.jsonPath = writeResults('e2e', { settings: s, elapsedSeconds: elapsed, runs, complete: c, profile, summary });
+    report.jsonPath = writeResults('e2e', { settings: s, elapsedSeconds: elapsed, runs, complete: c, brokerComplete: bc, profile, summary });
     log(`results: ${report.jsonPath}`);
   }
   return report;

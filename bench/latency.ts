@@ -1,6 +1,7 @@
 /**
  * Latency (issue 5, benchmark 6): event received → packet on disk, p50 / p99, at the default flush
- * interval (250 ms) and at --flush-interval 10.
+ * interval (250 ms) and at --flush-interval 10; and event → packet written by `meshcap collect` at
+ * the far end of the broker sink.
  *
  * Measured from outside: this process is the Envoy (one StreamTaps stream over the Unix socket,
  * one connection) and the reader. It sends single 64-byte read events at random moments (gaps
@@ -10,6 +11,13 @@
  * and each marker found closes its sample. The same clock on both sides.
  *
  * A third case repeats the default while 8 other sidecars stream 100 MB/s into the same meshcap.
+ *
+ * Event → broker, at the default flush and at 10 ms: `meshcap serve --broker tls://127.0.0.1:PORT`
+ * (mutual TLS, certificates made for the run: bench/lib/pki.ts; serve's own capture off, -w - into
+ * /dev/null; default broker format, pcap) forwarding to a local `meshcap collect` child; the reader
+ * polls the `.part` file collect writes (found under its directory once collect opens it) the same
+ * way. Each sample is flush timer + broker sink + TLS + collect's write + the 1 ms polling: the real
+ * far side, not a stand-in. Its baseline is the disk case at the same flush interval, same run.
  *
  * Baseline, same run, same method: the null gRPC sink with --append, which writes every message to
  * a file the moment it arrives (fs.writeSync): gRPC delivery + one write + this process's polling,
@@ -25,6 +33,7 @@ import { TapStream } from './lib/h2client.js';
 import { Load } from './lib/load.js';
 import { MB, MeshcapProc, NullSinkProc, percentile, sleep, tempDir, writeResults } from './lib/procs.js';
 import { identifierRequest, streamTapsRequest } from './lib/tapwire.js';
+import { brokerPki, brokerServeArgs, collectOpenFile, CollectProc, waitBrokerConnected } from './lib/broker.js';
 
 export interface LatencyOptions {
   quick?: boolean;
@@ -40,6 +49,8 @@ interface Samples {
   label: string;
   flushMs: number | null;
   background: number;
+  /** Where the packet had to arrive: serve's capture file, or collect's (through the broker sink). */
+  to: 'disk' | 'broker';
   sent: number;
   got: number[];
   missing: number;
@@ -51,8 +62,11 @@ function marker(id: number): Buffer {
   return b;
 }
 
-/** Runs one measurement against a server whose output file is `file`. */
-async function measure(target: string, file: string, durationMs: number, meanGapMs: number, settleMs: number): Promise<{ sent: number; lat: number[]; missing: number }> {
+/**
+ * Runs one measurement against a server whose output file is `file`, or the file `file()` names
+ * once it exists (collect names its files when it opens them).
+ */
+async function measure(target: string, file: string | (() => string | null), durationMs: number, meanGapMs: number, settleMs: number): Promise<{ sent: number; lat: number[]; missing: number }> {
   const stream = await TapStream.open(target);
   const traceId = 42;
   let seq = 1;
@@ -74,8 +88,10 @@ async function measure(target: string, file: string, durationMs: number, meanGap
   const markBuf = Buffer.from(MARK, 'latin1');
   const poll = () => {
     if (fd < 0) {
+      const f = typeof file === 'string' ? file : file();
+      if (f === null) return;
       try {
-        fd = fs.openSync(file, 'r');
+        fd = fs.openSync(f, 'r');
       } catch {
         return;
       }
@@ -143,7 +159,7 @@ export async function runLatencyBench(o: LatencyOptions = {}): Promise<BenchRepo
       const ns = await NullSinkProc.start(d, file);
       const r = await measure(ns.target, file, q ? 1500 : 3000, 5, 1000);
       await ns.stop();
-      results.push({ label: 'null gRPC sink, write on arrival', flushMs: null, background: 0, sent: r.sent, got: r.lat, missing: r.missing });
+      results.push({ label: 'null gRPC sink, write on arrival', flushMs: null, background: 0, to: 'disk', sent: r.sent, got: r.lat, missing: r.missing });
     }
     const cases: Array<{ flush: number; ms: number; gap: number; background: number }> = [
       { flush: 250, ms: q ? 5000 : 10_000, gap: 20, background: 0 },
@@ -161,7 +177,31 @@ export async function runLatencyBench(o: LatencyOptions = {}): Promise<BenchRepo
       if (bg) await bg.stop();
       await mc.stop();
       const label = `meshcap serve, --flush-interval ${c.flush}${c.flush === 250 ? ' (default)' : ''}${c.background ? `, ${c.background / MB} MB/s background load` : ''}`;
-      results.push({ label, flushMs: c.flush, background: c.background, sent: r.sent, got: r.lat, missing: r.missing });
+      results.push({ label, flushMs: c.flush, background: c.background, to: 'disk', sent: r.sent, got: r.lat, missing: r.missing });
+    }
+    // Through the broker sink to meshcap collect: the default flush, and 10 ms (where the broker
+    // path's own share is not hidden in the flush timer's spread).
+    const pki = await brokerPki(path.join(dir, 'pki'));
+    const brokerCases: Array<{ flush: number; ms: number; gap: number }> = [
+      { flush: 250, ms: q ? 3000 : 5000, gap: 20 },
+      { flush: 10, ms: q ? 1500 : 2000, gap: 5 },
+    ];
+    for (const c of brokerCases) {
+      const d = path.join(dir, `broker-f${c.flush}`);
+      fs.mkdirSync(d);
+      const out = path.join(d, 'collect');
+      const collect = await CollectProc.start({ pki, dir: out });
+      let mc: MeshcapProc | null = null;
+      try {
+        mc = await MeshcapProc.start({ dir: d, args: ['-w', '-', '--flush-interval', String(c.flush), ...brokerServeArgs(pki, collect, path.join(d, 'spool'))] });
+        await waitBrokerConnected(mc, collect);
+        const r = await measure(mc.target, () => collectOpenFile(out), c.ms, c.gap, c.flush + 2000);
+        const label = `meshcap serve --broker → meshcap collect (mTLS), --flush-interval ${c.flush}${c.flush === 250 ? ' (default)' : ''}`;
+        results.push({ label, flushMs: c.flush, background: 0, to: 'broker', sent: r.sent, got: r.lat, missing: r.missing });
+      } finally {
+        if (mc) await mc.stop();
+        await collect.stop();
+      }
     }
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
@@ -170,16 +210,22 @@ export async function runLatencyBench(o: LatencyOptions = {}): Promise<BenchRepo
     const s = [...r.got].sort((a, b) => a - b);
     return { ...r, n: s.length, p50: percentile(s, 50), p90: percentile(s, 90), p99: percentile(s, 99), max: s[s.length - 1] ?? NaN, mean: s.reduce((a, b) => a + b, 0) / (s.length || 1) };
   });
-  log('\n## Event sent → packet visible in the capture file (ms)');
-  log(table([['server', 'samples', 'missing', 'p50', 'p90', 'p99', 'max', 'mean', 'target p99'], ...stats.map((s) => [s.label, String(s.n), String(s.missing), fmt(s.p50, 1), fmt(s.p90, 1), fmt(s.p99, 1), fmt(s.max, 1), fmt(s.mean, 1), s.flushMs === null ? '' : `≤ ${s.flushMs + 10}`])]));
+  log('\n## Event sent → packet visible in the capture file (ms): serve\'s file, or (--broker) the file meshcap collect writes');
+  log(table([['server', 'samples', 'missing', 'p50', 'p90', 'p99', 'max', 'mean', 'target p99'], ...stats.map((s) => [s.label, String(s.n), String(s.missing), fmt(s.p50, 1), fmt(s.p90, 1), fmt(s.p99, 1), fmt(s.max, 1), fmt(s.mean, 1), s.flushMs === null || s.to === 'broker' ? '' : `≤ ${s.flushMs + 10}`])]));
   const base = stats[0]!;
   const summary: SummaryRow[] = [];
   for (const s of stats.slice(1)) {
+    if (s.to === 'broker') continue;
     const bg = s.background ? `, ${s.background / MB} MB/s background` : '';
     summary.push({ bench: 'latency', figure: `event → disk p50, flush ${s.flushMs} ms${bg} (ms)`, value: fmt(s.p50, 1), baseline: `null sink ${fmt(base.p50, 1)}`, ratio: '', target: '' });
     summary.push({ bench: 'latency', figure: `event → disk p99, flush ${s.flushMs} ms${bg} (ms)`, value: fmt(s.p99, 1), baseline: `null sink ${fmt(base.p99, 1)}`, ratio: s.missing ? `${s.missing} missing` : '', target: `≤ ${s.flushMs! + 10}` });
   }
-  summary.push({ bench: 'latency', figure: 'TODO event → broker p50/p99', value: 'TODO', baseline: 'not measured: broker sink in progress', ratio: '', target: '' });
+  // Event → broker, beside event → disk at the same flush interval (no background), same run.
+  for (const s of stats.filter((x) => x.to === 'broker')) {
+    const disk = stats.find((x) => x.to === 'disk' && x.flushMs === s.flushMs && x.background === 0)!;
+    summary.push({ bench: 'latency', figure: `event → broker (collect's file) p50, flush ${s.flushMs} ms (ms)`, value: fmt(s.p50, 1), baseline: `disk ${fmt(disk.p50, 1)}`, ratio: '', target: '' });
+    summary.push({ bench: 'latency', figure: `event → broker (collect's file) p99, flush ${s.flushMs} ms (ms)`, value: fmt(s.p99, 1), baseline: `disk ${fmt(disk.p99, 1)}`, ratio: s.missing ? `${s.missing} missing` : '', target: '' });
+  }
   const elapsed = (Date.now() - started) / 1000;
   log(`\n(latency in ${fmt(elapsed, 1)} s)`);
   const report: BenchReport = { name: 'latency', summary };

@@ -125,6 +125,11 @@ type Op = { kind: 'data'; firstSeq: number; count: number; records: Buffer; conn
 
 const STATE_DIR = '.meshcap-collect';
 const MAX_PENDING = 64 << 20;
+/**
+ * Acknowledge at least every this many written bytes: a quarter of the sidecar's default window of
+ * unacknowledged bytes (16 MiB), so it keeps sending while earlier data is written.
+ */
+const ACK_EVERY_BYTES = 4 << 20;
 
 function stamp(d: Date): string {
   const p2 = (n: number): string => String(n).padStart(2, '0');
@@ -239,14 +244,18 @@ class CaptureStream {
           this.saveState();
           continue;
         }
-        // Write this DATA frame and any others already queued, then save the state and ACK once.
+        // Write this DATA frame and any others already queued, then save the state and ACK once —
+        // or sooner, every ACK_EVERY_BYTES: while frames keep arriving the queue may never run
+        // empty, and a sidecar whose window is full of unacknowledged bytes would stall.
         let acked: Conn | null = null;
         let cur: Op | undefined = op;
+        let written = 0;
         while (cur && cur.kind === 'data') {
           await this.writeData(cur);
           this.pendingBytes -= cur.records.length;
+          written += cur.records.length;
           if (cur.conn) acked = cur.conn;
-          cur = this.ops[0]?.kind === 'data' ? this.ops.shift() : undefined;
+          cur = this.ops[0]?.kind === 'data' && written < ACK_EVERY_BYTES ? this.ops.shift() : undefined;
         }
         if (cur) this.ops.unshift(cur);
         if (this.c.opts.fsync && this.file) await fsFdatasync(this.file.fd);
