@@ -501,6 +501,8 @@ export class Lane {
   private stopped = false;
   private readonly freeBufs: Buffer[] = [];
   private poolCap = 0;
+  /** The memory queue's cap: --broker-queue (this lane's share) minus what may wait for the spool disk. */
+  private readonly memMax: number;
   private readonly header: Buffer;
   readonly endpointCounters = new Map<string, EndpointCounters>();
   // Counters for metrics.
@@ -516,17 +518,19 @@ export class Lane {
     private readonly sink: BrokerSink,
     readonly endpoints: BrokerEndpoint[],
     dirName: string | null,
-    private readonly memMax: number,
+    memMax: number,
     spoolMax: number,
   ) {
     const o = sink.opts;
     this.label = o.mode === 'spread' ? endpoints[0]!.label : endpoints.map((e) => e.label).join(',');
     for (const ep of endpoints) this.endpointCounters.set(ep.label, { connected: false, connections: 0, disconnects: 0, failures: new Map() });
     this.header = sink.framer.fileHeader({ snaplen: o.snaplen });
-    this.spool =
-      o.spoolDir && dirName && spoolMax > 0
-        ? Spool.open(path.join(o.spoolDir, dirName), { maxBytes: spoolMax, onCorrupt: (n) => this.corrupt(n) }, sink.log)
-        : null;
+    // One memory budget (--broker-queue) for the batches queued in memory and those on their way
+    // to the spool: a quarter of it may wait for the spool disk, the rest is the memory queue.
+    const spooling = Boolean(o.spoolDir) && Boolean(dirName) && spoolMax > 0;
+    const pendingMax = spooling ? Math.max(1 << 20, Math.floor(memMax / 4)) : 0;
+    this.memMax = memMax - pendingMax;
+    this.spool = spooling ? Spool.open(path.join(o.spoolDir!, dirName!), { maxBytes: spoolMax, maxPendingBytes: pendingMax, onCorrupt: (n) => this.corrupt(n) }, sink.log) : null;
     const meta = this.spool?.meta ?? null;
     this.streamId = meta?.streamId ?? randomBytes(16).toString('hex');
     this.nextSeq = meta ? (meta.clean ? meta.nextSeq : meta.leaseEnd) : 0;
