@@ -20,7 +20,8 @@ import { spiffeIdOf } from './spiffe.js';
 export interface TlsFilePaths {
   cert: string;
   key: string;
-  ca: string;
+  /** Null for a server that verifies no client certificates (the live endpoint with tokens only). */
+  ca: string | null;
 }
 
 export interface CertInfo {
@@ -35,7 +36,8 @@ export interface CertInfo {
 export interface TlsMaterial {
   cert: Buffer;
   key: Buffer;
-  ca: Buffer;
+  /** undefined when no CA bundle is configured (so it can be spread into TLS options as it is). */
+  ca: Buffer | undefined;
   /** 1 for the first load, +1 per reload. */
   generation: number;
   loadedAt: number;
@@ -74,7 +76,7 @@ export function loadTlsMaterial(paths: TlsFilePaths, generation: number): TlsMat
   };
   const cert = read('certificate', paths.cert);
   const key = read('private key', paths.key);
-  const ca = read('CA bundle', paths.ca);
+  const ca = paths.ca === null ? undefined : read('CA bundle', paths.ca);
   let leaf: X509Certificate;
   try {
     leaf = new X509Certificate(cert);
@@ -82,7 +84,7 @@ export function loadTlsMaterial(paths: TlsFilePaths, generation: number): TlsMat
     throw new TlsFilesError(`certificate ${paths.cert} does not parse: ${(err as Error).message}`);
   }
   try {
-    new X509Certificate(ca);
+    if (ca) new X509Certificate(ca);
   } catch (err) {
     throw new TlsFilesError(`CA bundle ${paths.ca} does not parse: ${(err as Error).message}`);
   }
@@ -109,8 +111,14 @@ export function loadTlsMaterial(paths: TlsFilePaths, generation: number): TlsMat
   };
 }
 
-function digest(m: { cert: Buffer; key: Buffer; ca: Buffer }): string {
-  return createHash('sha256').update(m.cert).update('\0').update(m.key).update('\0').update(m.ca).digest('hex');
+function digest(m: { cert: Buffer; key: Buffer; ca: Buffer | undefined }): string {
+  return createHash('sha256')
+    .update(m.cert)
+    .update('\0')
+    .update(m.key)
+    .update('\0')
+    .update(m.ca ?? '')
+    .digest('hex');
 }
 
 /**
@@ -185,7 +193,7 @@ export class TlsFiles extends EventEmitter {
   }
 
   private statAll(): string {
-    return `${statKey(this.paths.cert)}|${statKey(this.paths.key)}|${statKey(this.paths.ca)}`;
+    return `${statKey(this.paths.cert)}|${statKey(this.paths.key)}|${this.paths.ca === null ? '' : statKey(this.paths.ca)}`;
   }
 
   private logLoaded(msg: string): void {

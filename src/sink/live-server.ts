@@ -45,6 +45,7 @@ import tls from 'node:tls';
 import type { Logger } from 'pino';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { Auditor, type EndReason, type RefusalReason, type ViewerIdentity, type ViewerProtocol } from '../control/audit.js';
+import { TlsFiles, type TlsMaterial } from '../control/tls-files.js';
 import { pcapFramer } from '../format/pcap.js';
 import { pcapngFramer } from '../format/pcapng.js';
 import type { RecordFramer } from '../format/record-framer.js';
@@ -291,6 +292,7 @@ export class LiveServer implements BlockSink {
   private blockSeq = 0;
   private sessionSeq = 0;
   private tlsServer: tls.Server | null = null;
+  private tlsFiles: TlsFiles | null = null;
   private plainServer: net.Server | null = null;
   private wss: WebSocketServer | null = null;
   private tokens: TokenStore | null = null;
@@ -320,33 +322,31 @@ export class LiveServer implements BlockSink {
       if (!hp) throw new Error(`live: --live-listen expects HOST:PORT, got "${o.listen}"`);
       if (!o.certFile || !o.keyFile) throw new Error('live: --live-listen needs --live-cert and --live-key');
       if (!o.tokenFile && !o.caFile) throw new Error('live: --live-listen needs --live-token-file and/or --live-ca: viewers must authenticate');
-      const read = (flag: string, file: string): Buffer => {
-        try {
-          return fs.readFileSync(file);
-        } catch (err) {
-          throw new Error(`live: cannot read ${flag} ${file}: ${(err as Error).message}`);
-        }
-      };
-      const cert = read('--live-cert', o.certFile);
-      const key = read('--live-key', o.keyFile);
-      const ca = o.caFile ? read('--live-ca', o.caFile) : undefined;
+      // Reloaded when the files change (cert-manager and Istio rotate them): open sessions keep
+      // theirs, the next viewer gets the new certificate.
+      try {
+        this.tlsFiles = new TlsFiles({ cert: o.certFile, key: o.keyFile, ca: o.caFile ?? null }, this.log, { role: 'live endpoint' });
+      } catch (err) {
+        throw new Error(`live: --live-cert/--live-key/--live-ca: ${(err as Error).message}`);
+      }
+      const m = this.tlsFiles.current;
       if (o.tokenFile) {
         this.tokens = new TokenStore(o.tokenFile, this.log);
         this.tokens.load();
       }
-      this.caConfigured = !!ca;
-      try {
-        this.tlsServer = tls.createServer({
-          cert,
-          key,
-          ...(ca ? { ca, requestCert: true } : {}),
-          // Verified below, so that a refused certificate is audited and answered in words.
-          rejectUnauthorized: false,
-          minVersion: 'TLSv1.2',
-        });
-      } catch (err) {
-        throw new Error(`live: --live-cert/--live-key/--live-ca: ${(err as Error).message}`);
-      }
+      this.caConfigured = m.ca !== undefined;
+      const options = (mat: TlsMaterial): tls.SecureContextOptions & tls.TlsOptions => ({
+        cert: mat.cert,
+        key: mat.key,
+        ...(mat.ca ? { ca: mat.ca, requestCert: true } : {}),
+        // Verified below, so that a refused certificate is audited and answered in words.
+        rejectUnauthorized: false,
+        minVersion: 'TLSv1.2',
+      });
+      const server = tls.createServer(options(m));
+      this.tlsServer = server;
+      this.tlsFiles.on('reload', (mat: TlsMaterial) => server.setSecureContext(options(mat)));
+      this.tlsFiles.start();
       this.wss = new WebSocketServer({
         noServer: true,
         perMessageDeflate: false,
@@ -867,6 +867,7 @@ export class LiveServer implements BlockSink {
     if (this.closing) return this.closing;
     this.closing = (async () => {
       if (this.pruneTimer) clearInterval(this.pruneTimer);
+      this.tlsFiles?.stop();
       for (const v of [...this.viewers]) {
         this.endViewer(v, 'shutdown');
         v.conn.end();

@@ -35,6 +35,9 @@ export interface Pki {
   ca: string;
   serverCert: string;
   serverKey: string;
+  /** The server's next certificate (same names, same CA, new key): a rotation. */
+  serverCert2: string;
+  serverKey2: string;
   clientCert: string;
   clientKey: string;
   /** Another CA, and a client certificate it signed. */
@@ -49,6 +52,7 @@ export async function makePki(): Promise<Pki> {
   const ca = await pki.ca('ca');
   const other = await pki.ca('other-ca');
   const server = await pki.leaf(ca, 'server', { cn: 'localhost', ip: ['127.0.0.1'], dns: ['localhost'] });
+  const server2 = await pki.leaf(ca, 'server2', { cn: 'localhost', ip: ['127.0.0.1'], dns: ['localhost'] });
   const client = await pki.leaf(ca, 'client', { cn: 'viewer-alice' });
   const rogue = await pki.leaf(other, 'rogue', { cn: 'viewer-mallory' });
   return {
@@ -56,6 +60,8 @@ export async function makePki(): Promise<Pki> {
     ca: ca.cert,
     serverCert: server.cert,
     serverKey: server.key,
+    serverCert2: server2.cert,
+    serverKey2: server2.key,
     clientCert: client.cert,
     clientKey: client.key,
     otherCa: other.cert,

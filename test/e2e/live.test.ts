@@ -5,6 +5,7 @@
  * filters, the mid-stream notice, slow viewers cut off without harming the capture to disk, and
  * the loopback-only PCAP-over-IP listener.
  */
+import { X509Certificate } from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -207,6 +208,37 @@ describe('live endpoint: limits and token rotation', () => {
     const fresh = rawViewer(e.port, { ca: pki.ca, token: NEW });
     await waitFor(() => e.live.viewerCount === 1, 'viewer with the new token');
     fresh.socket.destroy();
+  });
+});
+
+describe('live endpoint: certificate rotation', () => {
+  it('a certificate replaced on disk: the next viewer gets the new one, the open session carries on', async () => {
+    const dir = fs.mkdtempSync(path.join(root, 'certs-'));
+    const certFile = path.join(dir, 'tls.crt');
+    const keyFile = path.join(dir, 'tls.key');
+    fs.copyFileSync(pki.serverCert, certFile);
+    fs.copyFileSync(pki.serverKey, keyFile);
+    const e = await env({ certFile, keyFile });
+    const fingerprint = (file: string) => new X509Certificate(fs.readFileSync(file)).fingerprint256;
+    const first = rawViewer(e.port, { ca: pki.ca, token: GOOD_TOKEN });
+    await waitFor(() => e.live.viewerCount === 1, 'first viewer');
+    expect(first.socket.getPeerX509Certificate()!.fingerprint256).toBe(fingerprint(pki.serverCert));
+    // cert-manager style: new key and certificate written in place (the key first).
+    fs.copyFileSync(pki.serverKey2, keyFile);
+    fs.copyFileSync(pki.serverCert2, certFile);
+    await waitFor(() => e.logs.some((l) => l.msg === 'TLS certificate reloaded; new connections use it'), 'reload logged', 5000);
+    const second = rawViewer(e.port, { ca: pki.ca, token: GOOD_TOKEN });
+    await waitFor(() => e.live.viewerCount === 2, 'second viewer');
+    expect(second.socket.getPeerX509Certificate()!.fingerprint256).toBe(fingerprint(pki.serverCert2));
+    // The first session was not touched: it still receives packets.
+    const before = first.data().length;
+    const secondBefore = second.data().length;
+    e.feedTraces('node-rot', [openConn(77, ['10.0.0.1', 8080], ['10.0.0.2', 40000]), readEv(77, 'GET /after-rotation HTTP/1.1\r\nHost: x\r\n\r\n')]);
+    e.pipeline.flush();
+    await waitFor(() => first.data().length > before && second.data().length > secondBefore, 'both viewers receive');
+    expect(first.socket.destroyed).toBe(false);
+    first.socket.destroy();
+    second.socket.destroy();
   });
 });
 
