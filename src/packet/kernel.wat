@@ -52,10 +52,8 @@
   (func (export "sum") (param $p i32) (param $n i32) (result i32)
     (call $fold (call $sumRange (local.get $p) (local.get $n))))
 
-  ;; Byte swaps, for the big-endian header fields.
-  (func $bswap16 (param $x i32) (result i32)
-    (i32.or (i32.shl (i32.and (local.get $x) (i32.const 0xff)) (i32.const 8)) (i32.and (i32.shr_u (local.get $x) (i32.const 8)) (i32.const 0xff))))
-
+  ;; Byte swap, for the acknowledgement number (once per call; the per-segment swaps are inline:
+  ;; a call per field cost more than the swap).
   (func $bswap32 (param $x i32) (result i32)
     (i32.or
       (i32.or (i32.shl (local.get $x) (i32.const 24)) (i32.shl (i32.and (local.get $x) (i32.const 0xff00)) (i32.const 8)))
@@ -86,7 +84,7 @@
     (local $a v128) (local $b v128) (local $v0 v128) (local $v1 v128) (local $v2 v128) (local $v3 v128)
     (local $bias v128) (local $ones v128) (local $ackBE i32)
     (local $t0 v128) (local $t1 v128) (local $t2 v128) (local $t3 v128) (local $tEnd v128)
-    (local $ipSum i32) (local $tcpSum i64)
+    (local $ipSum i32) (local $tcpSum i64) (local $lenBE i32)
     ;; The sum of a piece uses pmaddwd (i32x4.dot_i16x8_s: two words per lane in one instruction),
     ;; which multiplies signed words: each u16 word w is biased to w - 32768 by flipping its top
     ;; bit, and 65536 per 16 bytes is added back at the end of the piece.
@@ -201,11 +199,14 @@
         ;; (taken once per call, with these fields zero) plus the fields' values, not read back
         ;; from the frame: a load straddling the stores just made would stall store forwarding.
         (local.set $tcpLen (i32.add (i32.const 20) (local.get $len)))
+        (local.set $lenBE (i32.or (i32.shl (i32.and (local.get $tcpLen) (i32.const 0xff)) (i32.const 8)) (i32.and (i32.shr_u (local.get $tcpLen) (i32.const 8)) (i32.const 0xff))))
         (if (local.get $v6)
-          (then (i32.store16 offset=18 (local.get $frame) (call $bswap16 (local.get $tcpLen))))
+          (then (i32.store16 offset=18 (local.get $frame) (local.get $lenBE)))
           (else
-            (local.set $r (call $bswap16 (i32.add (local.get $tcpLen) (i32.const 20))))
-            (local.set $o (call $bswap16 (i32.add (local.get $ipid) (local.get $k))))
+            (local.set $r (i32.add (local.get $tcpLen) (i32.const 20)))
+            (local.set $r (i32.or (i32.shl (i32.and (local.get $r) (i32.const 0xff)) (i32.const 8)) (i32.and (i32.shr_u (local.get $r) (i32.const 8)) (i32.const 0xff))))
+            (local.set $o (i32.add (local.get $ipid) (local.get $k)))
+            (local.set $o (i32.or (i32.shl (i32.and (local.get $o) (i32.const 0xff)) (i32.const 8)) (i32.and (i32.shr_u (local.get $o) (i32.const 8)) (i32.const 0xff))))
             (i32.store16 offset=16 (local.get $frame) (local.get $r))
             (i32.store16 offset=18 (local.get $frame) (local.get $o))
             (local.set $r (i32.add (local.get $ipSum) (i32.add (local.get $r) (local.get $o))))
@@ -213,7 +214,11 @@
             (local.set $r (i32.add (i32.and (local.get $r) (i32.const 0xffff)) (i32.shr_u (local.get $r) (i32.const 16))))
             (i32.store16 offset=24 (local.get $frame) (i32.xor (local.get $r) (i32.const 0xffff)))))
         (local.set $o (i32.add (local.get $frame) (local.get $tcp)))
-        (local.set $r (call $bswap32 (i32.add (local.get $seq) (i32.mul (local.get $k) (local.get $mss)))))
+        (local.set $r (i32.add (local.get $seq) (i32.mul (local.get $k) (local.get $mss))))
+        (local.set $r
+          (i32.or
+            (i32.or (i32.shl (local.get $r) (i32.const 24)) (i32.shl (i32.and (local.get $r) (i32.const 0xff00)) (i32.const 8)))
+            (i32.or (i32.and (i32.shr_u (local.get $r) (i32.const 8)) (i32.const 0xff00)) (i32.shr_u (local.get $r) (i32.const 24)))))
         (i32.store offset=4 (local.get $o) (local.get $r))
         (i32.store offset=8 (local.get $o) (local.get $ackBE))
         (local.set $j (select (local.get $lastFlags) (i32.const 0x10) (i32.eq (local.get $k) (i32.sub (local.get $n) (i32.const 1)))))
@@ -222,7 +227,7 @@
         (local.set $s (i64.add (local.get $s)
           (i64.add
             (i64.add (local.get $tcpSum) (i64.extend_i32_u (local.get $r)))
-            (i64.extend_i32_u (i32.add (i32.shl (local.get $j) (i32.const 8)) (call $bswap16 (local.get $tcpLen)))))))
+            (i64.extend_i32_u (i32.add (i32.shl (local.get $j) (i32.const 8)) (local.get $lenBE))))))
         (local.set $s (i64.add (i64.and (local.get $s) (i64.const 0xffff)) (i64.shr_u (local.get $s) (i64.const 16))))
         (local.set $s (i64.add (i64.and (local.get $s) (i64.const 0xffff)) (i64.shr_u (local.get $s) (i64.const 16))))
         (local.set $s (i64.add (i64.and (local.get $s) (i64.const 0xffff)) (i64.shr_u (local.get $s) (i64.const 16))))

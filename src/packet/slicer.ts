@@ -11,6 +11,7 @@
  * segment of a flow, and everywhere without the kernel (MESHCAP_NO_WASM=1).
  */
 import { Direction, type Block } from './block.js';
+import { TEMPLATE_SLOT } from './wasm-kernel.js';
 import { checksumInto, sumBytesLE, writeChecksumLE } from './checksum.js';
 import { ETH_LEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, TCP_WINDOW_SCALE, W_IPID, W_PSEUDO, W_SEQ, headerLength, tcpOffset, writeTemplate } from './frame-template.js';
 
@@ -57,11 +58,10 @@ export class Slicer {
   private readonly frameAt = new Uint32Array(MAX_SEGMENTS);
   /** Scratch: the record header's two timestamp words for the kernel. */
   private readonly tsWords = new Uint32Array(2);
-  /** The JavaScript path's header templates (IPv4, IPv6) and whose they are now. */
-  private readonly tmpl4 = Buffer.alloc(headerLength(false));
-  private readonly tmpl6 = Buffer.alloc(headerLength(true));
-  private tmplOf: WireState | null = null;
-  private tmplDir = -1;
+  /** The JavaScript path's header templates per direction (IPv4, IPv6) and whose they are now. */
+  private readonly tmpl4 = [Buffer.alloc(headerLength(false)), Buffer.alloc(headerLength(false))];
+  private readonly tmpl6 = [Buffer.alloc(headerLength(true)), Buffer.alloc(headerLength(true))];
+  private readonly tmplOf: [WireState | null, WireState | null] = [null, null];
   readonly result: SliceResult = { packets: 0, bytes: 0, dropped: 0 };
 
   constructor(
@@ -132,31 +132,32 @@ export class Slicer {
     block.buf.set(pos === 0 && bytes === payload.length ? payload : payload.subarray(pos, pos + bytes), first + hdr);
     // The flow's template into the kernel's scratch area, unless it is already there (the next
     // event is usually the same flow's).
-    if (kernel.tmplOf !== w || kernel.tmplDir !== d) {
-      writeTemplate(w.wire, w.v6, d, kernel.scratchView, 0);
-      kernel.tmplOf = w;
-      kernel.tmplDir = d;
+    if (kernel.tmplOf[d] !== w) {
+      writeTemplate(w.wire, w.v6, d, kernel.scratchView, d * TEMPLATE_SLOT);
+      kernel.tmplOf[d] = w;
     }
     framer.timestampWords(tsSec, tsNsec, this.tsWords);
     const wire = w.wire;
     const seq = wire[W_SEQ + d]!;
     const dir = dirFlagOf(w, d);
     const last = pos + bytes === payload.length;
+    // Unsigned 32-bit values go in as int32 (`| 0`, the same bits): a number above 2^31 would be
+    // boxed on the way into WebAssembly, an allocation per event.
     const end = kernel.segments(
       block.base + rec,
       bytes,
       mss,
-      kernel.scratch,
+      kernel.scratch + d * TEMPLATE_SLOT,
       hdr,
       w.v6 ? 1 : 0,
-      seq,
-      wire[W_SEQ + (d ^ 1)]!,
+      seq | 0,
+      wire[W_SEQ + (d ^ 1)]! | 0,
       wire[W_IPID + d]!,
       wire[W_PSEUDO + d]!,
       last ? TCP_ACK | TCP_PSH : TCP_ACK,
       framer.kernelFormat,
-      this.tsWords[0]!,
-      this.tsWords[1]!,
+      this.tsWords[0]! | 0,
+      this.tsWords[1]! | 0,
       dir,
     );
     // The metadata sinks re-frame from (live viewers, brokers in another format).
@@ -381,13 +382,12 @@ export class Slicer {
     }
   }
 
-  /** The JavaScript path's template of direction d of a flow, rebuilt only when the flow changes. */
+  /** The JavaScript path's template of direction d of a flow, rebuilt only when that direction's flow changes. */
   private template(w: WireState, d: number): Buffer {
-    const t = w.v6 ? this.tmpl6 : this.tmpl4;
-    if (this.tmplOf !== w || this.tmplDir !== d) {
+    const t = (w.v6 ? this.tmpl6 : this.tmpl4)[d]!;
+    if (this.tmplOf[d] !== w) {
       writeTemplate(w.wire, w.v6, d, t, 0);
-      this.tmplOf = w;
-      this.tmplDir = d;
+      this.tmplOf[d] = w;
     }
     return t;
   }

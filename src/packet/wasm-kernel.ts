@@ -38,16 +38,19 @@ export interface Kernel {
   readonly memory: WebAssembly.Memory;
   readonly sum: WasmSum;
   readonly segments: WasmSegments;
-  /** A scratch area in the memory for the flow's header template (TEMPLATE_SCRATCH bytes). */
+  /**
+   * A scratch area in the memory for header templates: direction d's at scratch + d *
+   * TEMPLATE_SLOT (a conversation alternates directions; each keeps its template).
+   */
   readonly scratch: number;
   readonly scratchView: Uint8Array;
-  /** Whose template (flow and direction) the scratch area holds now; slicers keep it current. */
-  tmplOf: unknown;
-  tmplDir: number;
+  /** Whose template each slot holds now (the flow, per direction); slicers keep it current. */
+  readonly tmplOf: [unknown, unknown];
 }
 
-/** Room for the longest header template (IPv6: 74 bytes), rounded to a cache line. */
-const TEMPLATE_SCRATCH = 128;
+/** Room for the longest header template (IPv6: 74 bytes), rounded to cache lines; one per direction. */
+export const TEMPLATE_SLOT = 128;
+const TEMPLATE_SCRATCH = 2 * TEMPLATE_SLOT;
 
 let compiled: WebAssembly.Module | null | undefined;
 
@@ -84,7 +87,6 @@ export function kernelMemory(bytes: number): Kernel | null {
     segments: instance.exports.segments as WasmSegments,
     scratch,
     scratchView: new Uint8Array(memory.buffer, scratch, TEMPLATE_SCRATCH),
-    tmplOf: null,
-    tmplDir: -1,
+    tmplOf: [null, null],
   };
 }
