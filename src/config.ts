@@ -6,24 +6,14 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { parseArgs } from 'node:util';
 import { validateAdminUrl } from './ingest/admin-tap-client.js';
 import { parseUdpListen } from './ingest/udp-tap-listener.js';
 import { resolveBrokerConfig, type BrokerConfig, type BrokerFlagValues } from './sink/broker-sink.js';
 import { liveConfigProblem, type LiveConfig } from './sink/live-server.js';
+import { ConfigError, parseFlags, type OptionSpec } from './flags.js';
 
-type Kind = 'string' | 'int' | 'bool' | 'list';
-
-interface OptionSpec {
-  /** Long flag and config-file key (kebab-case). */
-  name: string;
-  short?: string;
-  kind: Kind;
-  help: string;
-  min?: number;
-  max?: number;
-  choices?: string[];
-}
+// Re-exported: serve and its tests take everything configuration from here.
+export { ConfigError, parseFlags, usage, type OptionSpec } from './flags.js';
 
 export const SERVE_OPTIONS: OptionSpec[] = [
   { name: 'grpc-listen', kind: 'list', help: 'StreamTaps listener: unix:/path or host:port (repeatable)' },
@@ -134,8 +124,6 @@ export function defaultServeValues(cwd: string): Record<string, unknown> {
   };
 }
 
-export class ConfigError extends Error {}
-
 /** Reads flags, environment and config file into a validated ServeConfig. */
 export function loadServeConfig(argv: string[], env: NodeJS.ProcessEnv, cwd: string): ServeConfig {
   const flags = parseFlags(argv, SERVE_OPTIONS);
@@ -237,20 +225,6 @@ export function loadServeConfig(argv: string[], env: NodeJS.ProcessEnv, cwd: str
   };
 }
 
-/** Parses flags against a spec table; unknown flags are errors that say so. */
-export function parseFlags(argv: string[], specs: OptionSpec[], allowPositionals = false): Record<string, unknown> & { _: string[] } {
-  const options: Record<string, { type: 'string' | 'boolean'; short?: string; multiple?: boolean }> = {};
-  for (const s of specs) {
-    options[s.name] = { type: s.kind === 'bool' ? 'boolean' : 'string', ...(s.short ? { short: s.short } : {}), ...(s.kind === 'list' ? { multiple: true } : {}) };
-  }
-  try {
-    const { values, positionals } = parseArgs({ args: argv, options, allowPositionals, strict: true });
-    return { ...(values as Record<string, unknown>), _: positionals };
-  } catch (err) {
-    throw new ConfigError((err as Error).message);
-  }
-}
-
 function coerce(spec: OptionSpec, raw: unknown, where: string): unknown {
   switch (spec.kind) {
     case 'int': {
@@ -304,13 +278,4 @@ function validateListen(target: string): void {
     return;
   }
   if (!/^(\[[0-9a-fA-F:.]+\]|[^:]+):\d{1,5}$/.test(target)) throw new ConfigError(`"grpc-listen": expected unix:/path or host:port, got "${target}"`);
-}
-
-export function usage(specs: OptionSpec[]): string {
-  return specs
-    .map((s) => {
-      const flag = `  ${s.short ? `-${s.short}, ` : '    '}--${s.name}${s.kind === 'bool' ? '' : ' VALUE'}`;
-      return `${flag.padEnd(36)}  ${s.help}`;
-    })
-    .join('\n');
 }

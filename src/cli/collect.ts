@@ -31,7 +31,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import type { Logger } from 'pino';
 import client from 'prom-client';
-import { ConfigError, parseFlags, usage } from '../config.js';
+import { ConfigError, parseFlags, usage } from '../flags.js';
 import { registerCollectMetrics } from '../control/broker-metrics.js';
 import { ControlServer, splitHostPort } from '../control/http-server.js';
 import { createLogger } from '../control/logger.js';

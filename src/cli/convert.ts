@@ -2,7 +2,7 @@
  * `meshcap convert FILE... -w OUT`: Envoy file_per_tap outputs (and recorded StreamTaps bodies)
  * into one capture, events merged across files in time order.
  */
-import { ConfigError, parseFlags, usage } from '../config.js';
+import { ConfigError, parseFlags, usage } from '../flags.js';
 import { createLogger } from '../control/logger.js';
 import { PipelineStats } from '../control/stats.js';
 import { framerFor, type CaptureFormat } from '../format/index.js';

@@ -2,7 +2,7 @@
  * `meshcap` command dispatch: serve (the sidecar), convert (tap files to a capture).
  * Returns the exit code; usage errors are 2, like tcpdump.
  */
-import { ConfigError } from '../config.js';
+import { ConfigError } from '../flags.js';
 // Commands are loaded when used: `convert` need not pay for gRPC, metrics and TLS at start-up.
 
 const VERSION = '0.1.0';
