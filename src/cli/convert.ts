@@ -96,15 +96,10 @@ export async function convert(argv: string[]): Promise<number> {
   const framer = framerFor(format as CaptureFormat);
   const popts = { ...DEFAULT_PIPELINE, framer, snaplen, mss4: mss, mss6: Math.max(68, mss - 20), blockCount: BLOCK_COUNT };
   const pipeline = new Pipeline(popts, stats, log);
-  // One-shot: the sink may hold every block but one; nothing here can outrun the disk.
-  const fileSink = new FileSink({ path: out, framer, snaplen, maxFileBytes: 0, rotateSeconds: 0, ringFiles: 0, maxQueuedBlocks: 64 }, stats, log);
-  const sink = new WaitableSink(fileSink);
-  pipeline.addSink(sink);
-
   // The files are merged in time order as they are read (each file is in time order within
   // itself), so memory stays bounded whatever the input size. Each file's first batch is read
   // when it is added, in the order given, so an unknown format (a usage error) or an unreadable
-  // file stops the conversion before anything is converted, as when files were read whole.
+  // file stops the conversion before anything is converted or written, as when files were read whole.
   const counter = new ErrorCounter(pipeline);
   const merge = new TapMerge(files.length, counter, DEFAULT_MERGE);
   for (const file of files) {
@@ -119,6 +114,13 @@ export async function convert(argv: string[]): Promise<number> {
       return 1;
     }
   }
+
+  // The output is created only now that every input could be opened: a conversion that fails
+  // before it starts leaves no file behind. One-shot: the sink may hold every block but one;
+  // nothing here can outrun the disk.
+  const fileSink = new FileSink({ path: out, framer, snaplen, maxFileBytes: 0, rotateSeconds: 0, ringFiles: 0, maxQueuedBlocks: 64 }, stats, log);
+  const sink = new WaitableSink(fileSink);
+  pipeline.addSink(sink);
 
   // Unlike serve, conversion may wait for the disk: before each event there is room for all of
   // its frames, so nothing is dropped.
