@@ -71,7 +71,7 @@ export interface HarnessOptions {
   reps: number;
 }
 
-export const DEFAULT_HARNESS: HarnessOptions = { warmupMs: 400, repMs: 700, reps: 3 };
+export const DEFAULT_HARNESS: HarnessOptions = { warmupMs: 400, repMs: 500, reps: 5 };
 
 // ---------------------------------------------------------------------------------------------
 // GC accounting

@@ -2,7 +2,7 @@
  * The slicer benchmark: how fast tap payload becomes pcapng records in memory, against the copy
  * it cannot avoid, in one process and one run.
  *
- * Cases (each: warm-up, then 3 repetitions run round-robin within its group, median reported):
+ * Cases (each: warm-up, then 5 repetitions run round-robin within its group, median reported):
  *   64 KiB events, IPv4 MSS 1460 and IPv6 MSS 1440:
  *     slicer       Slicer.data() → real Block from a BlockPool, pcapng framer, TCP + IPv4
  *                  checksums (always on), minimal BlockOutput that recycles blocks (no disk);
