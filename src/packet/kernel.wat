@@ -130,20 +130,38 @@
         ;; loop then rewrites each byte where it is.
         (local.set $dst (i32.add (local.get $frame) (local.get $hdr)))
         (local.set $src (i32.add (local.get $src0) (i32.mul (local.get $k) (local.get $mss))))
-        ;; the ragged end (len mod 16 bytes), byte by byte from the top; a byte at an odd offset is
-        ;; the high half of its word (an odd last byte pairs with an implicit zero)
+        ;; The ragged end (len mod 16 bytes) in pieces of 8, 4, 2 and 1 bytes, each starting at an even
+        ;; offset, so its little-endian value is already its words' sum (2^16 = 1 mod 65535; a last
+        ;; odd byte pairs with an implicit zero). A shift is at least 70 bytes, so these stores
+        ;; cannot reach a source byte not yet read.
         (local.set $i (i32.and (local.get $len) (i32.const -16)))
-        (local.set $j (local.get $len))
-        (local.set $r (i32.const 0))
-        (block $out
-          (loop $next
-            (br_if $out (i32.le_u (local.get $j) (local.get $i)))
-            (local.set $j (i32.sub (local.get $j) (i32.const 1)))
+        (local.set $j (local.get $i))
+        (local.set $s (i64.const 0))
+        (if (i32.and (local.get $len) (i32.const 8))
+          (then
+            (local.set $o (i32.load offset=0 (i32.add (local.get $src) (local.get $j))))
+            (local.set $r (i32.load offset=4 (i32.add (local.get $src) (local.get $j))))
+            (i32.store offset=0 (i32.add (local.get $dst) (local.get $j)) (local.get $o))
+            (i32.store offset=4 (i32.add (local.get $dst) (local.get $j)) (local.get $r))
+            (local.set $s (i64.add (i64.extend_i32_u (local.get $o)) (i64.extend_i32_u (local.get $r))))
+            (local.set $j (i32.add (local.get $j) (i32.const 8)))))
+        (if (i32.and (local.get $len) (i32.const 4))
+          (then
+            (local.set $o (i32.load (i32.add (local.get $src) (local.get $j))))
+            (i32.store (i32.add (local.get $dst) (local.get $j)) (local.get $o))
+            (local.set $s (i64.add (local.get $s) (i64.extend_i32_u (local.get $o))))
+            (local.set $j (i32.add (local.get $j) (i32.const 4)))))
+        (if (i32.and (local.get $len) (i32.const 2))
+          (then
+            (local.set $o (i32.load16_u (i32.add (local.get $src) (local.get $j))))
+            (i32.store16 (i32.add (local.get $dst) (local.get $j)) (local.get $o))
+            (local.set $s (i64.add (local.get $s) (i64.extend_i32_u (local.get $o))))
+            (local.set $j (i32.add (local.get $j) (i32.const 2)))))
+        (if (i32.and (local.get $len) (i32.const 1))
+          (then
             (local.set $o (i32.load8_u (i32.add (local.get $src) (local.get $j))))
             (i32.store8 (i32.add (local.get $dst) (local.get $j)) (local.get $o))
-            (local.set $r (i32.add (local.get $r) (i32.shl (local.get $o) (i32.shl (i32.and (local.get $j) (i32.const 1)) (i32.const 3)))))
-            (br $next)))
-        (local.set $s (i64.extend_i32_u (local.get $r)))
+            (local.set $s (i64.add (local.get $s) (i64.extend_i32_u (local.get $o))))))
         ;; the 16-byte pieces above the largest multiple of 64
         (local.set $a (v128.const i64x2 0 0))
         (local.set $b (v128.const i64x2 0 0))
@@ -238,14 +256,16 @@
         (if (i32.eqz (local.get $fmt))
           (then
             (local.set $r (i32.sub (local.get $frame) (i32.const 28)))
-            ;; zero the padding to a word boundary (the block is reused)
+            ;; zero the padding to a word boundary (the block is reused): the frame's last word
+            ;; keeps its frame bytes, its bytes past the frame become zero
             (local.set $o (i32.add (local.get $frame) (local.get $len)))
-            (block $aligned
-              (loop $pad
-                (br_if $aligned (i32.eqz (i32.and (local.get $o) (i32.const 3))))
-                (i32.store8 (local.get $o) (i32.const 0))
-                (local.set $o (i32.add (local.get $o) (i32.const 1)))
-                (br $pad)))
+            (if (i32.and (local.get $o) (i32.const 3))
+              (then
+                (local.set $j (i32.and (local.get $o) (i32.const -4)))
+                (i32.store (local.get $j)
+                  (i32.and (i32.load (local.get $j))
+                    (i32.sub (i32.shl (i32.const 1) (i32.shl (i32.and (local.get $o) (i32.const 3)) (i32.const 3))) (i32.const 1))))
+                (local.set $o (i32.add (local.get $j) (i32.const 4)))))
             (local.set $total (i32.sub (i32.add (local.get $o) (i32.const 16)) (local.get $r)))
             (i32.store offset=0 (local.get $o) (i32.const 0x00040002)) ;; epb_flags, length 4
             (i32.store offset=4 (local.get $o) (local.get $dir))
