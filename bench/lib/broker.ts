@@ -7,34 +7,16 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
-import http from 'node:http';
 import path from 'node:path';
 import { BENCH_TRUST_DOMAIN, makeBenchPki, type BenchPki } from './pki.js';
-import { MESHCAP_BIN, freePort, scrape, sleep, type Exit, type MeshcapProc, type Metrics } from './procs.js';
+import { MESHCAP_BIN, MeshcapChild, freePort, sleep, type Exit, type MeshcapProc } from './procs.js';
 
 export { type BenchPki } from './pki.js';
-
-/** Collect children still running: killed if this process exits early (a failed benchmark). */
-const liveChildren = new Set<ChildProcess>();
-process.on('exit', () => {
-  for (const c of liveChildren) c.kill('SIGKILL');
-});
 
 /** A PKI in `dir` (a directory of the caller's temporary tree). */
 export async function brokerPki(dir: string): Promise<BenchPki> {
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   return await makeBenchPki(dir);
-}
-
-async function httpStatus(port: number, p: string): Promise<number> {
-  return await new Promise((resolve) => {
-    const req = http.get({ host: '127.0.0.1', port, path: p, timeout: 1000 }, (res) => {
-      res.resume();
-      resolve(res.statusCode ?? 0);
-    });
-    req.on('error', () => resolve(0));
-    req.on('timeout', () => req.destroy());
-  });
 }
 
 export interface CollectOptions {
@@ -46,37 +28,14 @@ export interface CollectOptions {
 }
 
 /** `meshcap collect` on 127.0.0.1:<free port>, admitting the benchmark's trust domain. */
-export class CollectProc {
-  private stderr = '';
-  readonly exited: Promise<Exit>;
-  exitedWith: Exit | null = null;
-
+export class CollectProc extends MeshcapChild {
   private constructor(
-    readonly child: ChildProcess,
+    child: ChildProcess,
     readonly port: number,
-    readonly metricsPort: number,
+    metricsPort: number,
     readonly dir: string,
   ) {
-    child.stderr!.setEncoding('utf8');
-    child.stderr!.on('data', (d: string) => {
-      this.stderr = (this.stderr + d).slice(-64 * 1024);
-    });
-    liveChildren.add(child);
-    this.exited = new Promise((resolve) =>
-      child.once('exit', (code, signal) => {
-        liveChildren.delete(child);
-        this.exitedWith = { code, signal };
-        resolve(this.exitedWith);
-      }),
-    );
-  }
-
-  get pid(): number {
-    return this.child.pid!;
-  }
-
-  get log(): string {
-    return this.stderr;
+    super(child, metricsPort);
   }
 
   /** The broker URL for `meshcap serve --broker`. */
@@ -98,30 +57,13 @@ export class CollectProc {
     ];
     const child = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'pipe'], cwd: path.dirname(o.dir) });
     const p = new CollectProc(child, port, metricsPort, o.dir);
-    const deadline = Date.now() + 15_000;
-    while ((await httpStatus(metricsPort, '/readyz')) !== 200) {
-      if (p.exitedWith) throw new Error(`meshcap collect exited at start (${JSON.stringify(p.exitedWith)}): ${p.log}`);
-      if (Date.now() > deadline) {
-        child.kill('SIGKILL');
-        throw new Error(`meshcap collect not ready within 15 s: ${p.log}`);
-      }
-      await sleep(25);
-    }
+    await p.ready('meshcap collect');
     return p;
   }
 
-  scrape(): Promise<Metrics> {
-    return scrape(this.metricsPort);
-  }
-
   /** SIGTERM (collect writes what it received and completes its files), SIGKILL after `graceMs`. */
-  async stop(graceMs = 10_000): Promise<Exit> {
-    if (this.exitedWith) return this.exitedWith;
-    this.child.kill('SIGTERM');
-    const t = setTimeout(() => this.child.kill('SIGKILL'), graceMs);
-    const e = await this.exited;
-    clearTimeout(t);
-    return e;
+  override stop(graceMs = 10_000): Promise<Exit> {
+    return super.stop(graceMs);
   }
 }
 

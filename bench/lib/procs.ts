@@ -182,23 +182,19 @@ process.on('exit', () => {
   for (const c of liveChildren) c.kill('SIGKILL');
 });
 
-export class MeshcapProc {
-  readonly sock: string;
-  readonly target: string;
-  readonly capture: string;
+/**
+ * A meshcap child process (serve, collect): its log (the last 64 KiB of standard error), its exit,
+ * readiness through /readyz, and a stop that escalates to SIGKILL.
+ */
+export class MeshcapChild {
   private stderr = '';
   readonly exited: Promise<Exit>;
   exitedWith: Exit | null = null;
 
-  private constructor(
+  protected constructor(
     readonly child: ChildProcess,
-    readonly port: number,
-    dir: string,
-    file: string,
+    readonly metricsPort: number,
   ) {
-    this.sock = path.join(dir, 'meshcap.sock');
-    this.target = `unix:${this.sock}`;
-    this.capture = path.join(dir, file);
     child.stderr!.setEncoding('utf8');
     child.stderr!.on('data', (d: string) => {
       this.stderr = (this.stderr + d).slice(-64 * 1024);
@@ -222,30 +218,24 @@ export class MeshcapProc {
     return this.stderr;
   }
 
-  static async start(o: MeshcapOptions): Promise<MeshcapProc> {
-    const port = await freePort();
-    const file = o.file ?? 'capture.pcapng';
-    const node = [...(o.cpuProfDir ? ['--cpu-prof', `--cpu-prof-dir=${o.cpuProfDir}`] : [])];
-    const args = [...node, MESHCAP_BIN, 'serve', '--grpc-listen', `unix:${path.join(o.dir, 'meshcap.sock')}`, '-w', path.join(o.dir, file), '--metrics-listen', `127.0.0.1:${port}`, '--log-level', 'warn', ...(o.args ?? [])];
-    const child = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'pipe'], cwd: o.dir });
-    const p = new MeshcapProc(child, port, o.dir, file);
+  /** Resolves when /readyz answers 200; throws (with the log) if the child exits or 15 s pass. */
+  protected async ready(what: string): Promise<void> {
     const deadline = Date.now() + 15_000;
-    while ((await httpStatus(port, '/readyz')) !== 200) {
-      if (p.exitedWith) throw new Error(`meshcap serve exited at start (${JSON.stringify(p.exitedWith)}): ${p.log}`);
+    while ((await httpStatus(this.metricsPort, '/readyz')) !== 200) {
+      if (this.exitedWith) throw new Error(`${what} exited at start (${JSON.stringify(this.exitedWith)}): ${this.log}`);
       if (Date.now() > deadline) {
-        child.kill('SIGKILL');
-        throw new Error(`meshcap serve not ready within 15 s: ${p.log}`);
+        this.child.kill('SIGKILL');
+        throw new Error(`${what} not ready within 15 s: ${this.log}`);
       }
       await sleep(25);
     }
-    return p;
   }
 
   scrape(): Promise<Metrics> {
-    return scrape(this.port);
+    return scrape(this.metricsPort);
   }
 
-  /** SIGTERM (meshcap flushes and completes its files), SIGKILL after `graceMs`. */
+  /** SIGTERM (meshcap completes its files), SIGKILL after `graceMs`. */
   async stop(graceMs = 15_000): Promise<Exit> {
     if (this.exitedWith) return this.exitedWith;
     this.child.kill('SIGTERM');
@@ -253,6 +243,35 @@ export class MeshcapProc {
     const e = await this.exited;
     clearTimeout(t);
     return e;
+  }
+}
+
+export class MeshcapProc extends MeshcapChild {
+  readonly sock: string;
+  readonly target: string;
+  readonly capture: string;
+
+  private constructor(child: ChildProcess, port: number, dir: string, file: string) {
+    super(child, port);
+    this.sock = path.join(dir, 'meshcap.sock');
+    this.target = `unix:${this.sock}`;
+    this.capture = path.join(dir, file);
+  }
+
+  /** The /metrics port. */
+  get port(): number {
+    return this.metricsPort;
+  }
+
+  static async start(o: MeshcapOptions): Promise<MeshcapProc> {
+    const port = await freePort();
+    const file = o.file ?? 'capture.pcapng';
+    const node = [...(o.cpuProfDir ? ['--cpu-prof', `--cpu-prof-dir=${o.cpuProfDir}`] : [])];
+    const args = [...node, MESHCAP_BIN, 'serve', '--grpc-listen', `unix:${path.join(o.dir, 'meshcap.sock')}`, '-w', path.join(o.dir, file), '--metrics-listen', `127.0.0.1:${port}`, '--log-level', 'warn', ...(o.args ?? [])];
+    const child = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'pipe'], cwd: o.dir });
+    const p = new MeshcapProc(child, port, o.dir, file);
+    await p.ready('meshcap serve');
+    return p;
   }
 }
 
