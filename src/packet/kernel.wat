@@ -2,7 +2,8 @@
 ;;
 ;; Source of src/packet/kernel-wasm.ts (generated: `node scripts/build-wasm.mjs`; a unit test fails
 ;; when the two disagree). The memory is imported: it holds the output blocks (src/packet/block.ts)
-;; and a small scratch area for the flow's header template, so both functions work in place.
+;; and a small scratch area for header templates (one slot per direction), so both functions work
+;; in place.
 ;;
 ;; Checksums are one's-complement sums of little-endian 16-bit loads (the "LE domain" of
 ;; checksum.ts): the sum of a byte string is byte order independent up to a final swap (RFC 1071
