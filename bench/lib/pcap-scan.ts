@@ -2,9 +2,10 @@
  * Reads back a classic pcap file (what `meshcap collect` writes for the default broker format):
  * records, captured bytes, and the TCP payload they carry (Ethernet → IPv4/IPv6 → TCP headers
  * parsed per frame, so the figure is exact, not inferred). Little-endian files (µs or ns magic),
- * read in 8 MiB chunks. A file still being written may end in part of a record: `trailing`.
+ * read in chunks (record-walk.ts). A file still being written may end in part of a record: `trailing`.
  */
 import fs from 'node:fs';
+import { walkRecords } from './record-walk.js';
 
 export interface PcapScan {
   format: 'pcap' | 'pcap-ns';
@@ -51,47 +52,24 @@ export function scanPcap(file: string): PcapScan {
     const magic = head.readUInt32LE(0);
     if (magic !== 0xa1b2c3d4 && magic !== 0xa1b23c4d) throw new Error(`${file}: not a little-endian pcap file (magic 0x${magic.toString(16)})`);
     const r: PcapScan = { format: magic === 0xa1b2c3d4 ? 'pcap' : 'pcap-ns', packets: 0, frameBytes: 0, payload: 0, other: 0, truncated: 0, trailing: 0 };
-    const CH = 8 << 20;
-    let buf = Buffer.allocUnsafe(CH * 2);
-    let have = 0;
-    let pos = 0;
-    let filePos = 24;
-    for (;;) {
-      if (pos > 0) {
-        buf.copy(buf, 0, pos, have);
-        have -= pos;
-        pos = 0;
-      }
-      const n = filePos < size ? fs.readSync(fd, buf, have, Math.min(buf.length - have, size - filePos), filePos) : 0;
-      filePos += n;
-      have += n;
-      let progressed = false;
-      while (have - pos >= REC) {
+    r.trailing = walkRecords(fd, size, {
+      start: 24,
+      headBytes: REC,
+      length(buf, pos, offset) {
         const cap = buf.readUInt32LE(pos + 8);
-        const orig = buf.readUInt32LE(pos + 12);
-        if (cap > 1 << 20) throw new Error(`${file}: record of ${cap} bytes at offset ${filePos - have + pos}`);
-        if (have - pos < REC + cap) {
-          if (REC + cap > buf.length) {
-            const bigger = Buffer.allocUnsafe((REC + cap) * 2);
-            buf.copy(bigger, 0, pos, have);
-            have -= pos;
-            pos = 0;
-            buf = bigger;
-          }
-          break;
-        }
+        if (cap > 1 << 20) throw new Error(`${file}: record of ${cap} bytes at offset ${offset}`);
+        return REC + cap;
+      },
+      visit(buf, pos, len) {
+        const cap = len - REC;
         r.packets++;
         r.frameBytes += cap;
-        if (cap < orig) r.truncated++;
+        if (cap < buf.readUInt32LE(pos + 12)) r.truncated++;
         const p = tcpPayload(buf, pos + REC, cap);
         if (p < 0) r.other++;
         else r.payload += p;
-        pos += REC + cap;
-        progressed = true;
-      }
-      if (n === 0 && !progressed) break;
-    }
-    r.trailing = have - pos;
+      },
+    });
     return r;
   } finally {
     fs.closeSync(fd);

@@ -1,10 +1,11 @@
 /**
  * Reads back what a capture file says, fast and without a dissector: packets (EPBs), comments,
  * epb_dropcount and the Interface Statistics Block's isb_ifrecv / isb_ifdrop. Little-endian
- * sections (what meshcap and text2pcap write on x86). Reads in 8 MiB chunks, so multi-GB files
- * cost a sequential read and a walk over block headers.
+ * sections (what meshcap and text2pcap write on x86). Reads in chunks (record-walk.ts), so multi-GB
+ * files cost a sequential read and a walk over block headers.
  */
 import fs from 'node:fs';
+import { walkRecords } from './record-walk.js';
 
 export interface PcapngScan {
   blocks: number;
@@ -39,38 +40,17 @@ export function scanPcapng(file: string, opts: { sampleComments?: number } = {})
   const fd = fs.openSync(file, 'r');
   try {
     const size = fs.fstatSync(fd).size;
-    const CH = 8 << 20;
-    let buf = Buffer.allocUnsafe(CH * 2);
-    let have = 0; // bytes in buf
-    let filePos = 0;
-    let pos = 0; // parse position in buf
-    for (;;) {
-      // Refill: keep the unparsed tail, read more.
-      if (pos > 0) {
-        buf.copy(buf, 0, pos, have);
-        have -= pos;
-        pos = 0;
-      }
-      const n = filePos < size ? fs.readSync(fd, buf, have, Math.min(buf.length - have, size - filePos), filePos) : 0;
-      filePos += n;
-      have += n;
-      let progressed = false;
-      while (have - pos >= 12) {
-        const type = buf.readUInt32LE(pos);
+    r.trailing = walkRecords(fd, size, {
+      start: 0,
+      headBytes: 12,
+      length(buf, pos, offset) {
         const len = buf.readUInt32LE(pos + 4);
-        if (len < 12 || len % 4 !== 0) throw new Error(`${file}: bad block length ${len} at offset ${filePos - have + pos}`);
-        if (have - pos < len) {
-          if (len > buf.length) {
-            const bigger = Buffer.allocUnsafe(len * 2);
-            buf.copy(bigger, 0, pos, have);
-            have -= pos;
-            pos = 0;
-            buf = bigger;
-          }
-          break;
-        }
+        if (len < 12 || len % 4 !== 0) throw new Error(`${file}: bad block length ${len} at offset ${offset}`);
+        return len;
+      },
+      visit(buf, pos, len) {
+        const type = buf.readUInt32LE(pos);
         r.blocks++;
-        progressed = true;
         if (type === EPB) {
           r.packets++;
           const cap = buf.readUInt32LE(pos + 20);
@@ -103,12 +83,8 @@ export function scanPcapng(file: string, opts: { sampleComments?: number } = {})
         } else if (type === SHB && buf.readUInt32LE(pos + 8) !== 0x1a2b3c4d) {
           throw new Error(`${file}: big-endian pcapng is not supported here`);
         }
-        pos += len;
-      }
-      if (filePos >= size && !progressed) break;
-      if (n === 0 && !progressed) break;
-    }
-    r.trailing = have - pos;
+      },
+    });
   } finally {
     fs.closeSync(fd);
   }
