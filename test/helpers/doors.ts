@@ -26,7 +26,7 @@ import fs from 'node:fs';
 import type http from 'node:http';
 import type protobuf from 'protobufjs';
 import { loadSchema } from '../../src/ingest/proto-schema.js';
-import { ALREADY_ATTACHED_TEXT, type EmulatedEnvoyAdmin, encodeTrace, envoyJson } from './envoy-tap-emulation.js';
+import { ALREADY_ATTACHED_TEXT, type EmulatedEnvoyAdmin, encodeTrace, envoyJson, varint } from './envoy-tap-emulation.js';
 import { parseCapture, parseTcp, type TcpPacket } from './pcap-read.js';
 import { seededRandom, type RecastResult } from './recast.js';
 import { logUniform, sleep } from './record-traffic.js';
@@ -348,16 +348,6 @@ export class PacedUdpSender {
 // ---------------------------------------------------------------------------------------------
 // file_per_tap
 
-function varint32(n: number): Buffer {
-  const out: number[] = [];
-  while (n > 0x7f) {
-    out.push((n & 0x7f) | 0x80);
-    n >>>= 7;
-  }
-  out.push(n);
-  return Buffer.from(out);
-}
-
 const OSTREAM_BLOCK = 8192; // protobuf CopyingOutputStreamAdaptor's default block size
 const FILEBUF_USABLE = 8191; // libstdc++ basic_filebuf: BUFSIZ, one byte kept for overflow
 const FILEBUF_CHUNK = 1024; // basic_filebuf::xsputn writes directly from this size on
@@ -373,7 +363,7 @@ export class FilePerTapFile {
 
   /** submitTrace: varint32 length + message through an OstreamOutputStream into the ofstream. */
   submit(message: Buffer): void {
-    const data = Buffer.concat([varint32(message.length), message]);
+    const data = Buffer.concat([varint(message.length), message]);
     for (let off = 0; off < data.length; off += OSTREAM_BLOCK) this.xsputn(data.subarray(off, off + OSTREAM_BLOCK));
   }
 

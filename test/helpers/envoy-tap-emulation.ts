@@ -118,6 +118,17 @@ export function envoyJson(obj: Record<string, unknown> | protobuf.Message, opts:
   return opts.pretty === false ? JSON.stringify(tree) : JSON.stringify(tree, null, opts.indent ?? 1);
 }
 
+/** A protobuf varint (the length prefix of PROTO_BINARY_LENGTH_DELIMITED files). */
+export function varint(n: number): Buffer {
+  const out: number[] = [];
+  while (n > 0x7f) {
+    out.push((n & 0x7f) | 0x80);
+    n >>>= 7;
+  }
+  out.push(n);
+  return Buffer.from(out);
+}
+
 export function encodeTrace(obj: Record<string, unknown>): Buffer {
   const type = traceWrapper();
   const u8 = type.encode(type.fromObject(obj)).finish();

@@ -20,6 +20,7 @@ import {
   sleep,
   testPipeline,
   waitFor,
+  varint,
   type TestPipeline,
 } from '../helpers/envoy-tap-emulation.js';
 
@@ -34,15 +35,6 @@ function watcher(opts: Partial<TapDirWatcherOptions> = {}): TapDirWatcher {
   return w;
 }
 
-function varint(n: number): Buffer {
-  const out: number[] = [];
-  while (n > 0x7f) {
-    out.push((n & 0x7f) | 0x80);
-    n >>>= 7;
-  }
-  out.push(n);
-  return Buffer.from(out);
-}
 
 /** PROTO_BINARY_LENGTH_DELIMITED: varint32 length + message. */
 const delimited = (msgs: Buffer[]): Buffer => Buffer.concat(msgs.flatMap((m) => [varint(m.length), m]));

@@ -23,7 +23,7 @@ import type { TapFileFormat } from '../../src/ingest/tap-file.js';
 import type { TapFileReader } from '../../src/ingest/tap-file-reader.js';
 import { loadTextFormats } from '../../src/ingest/tap-file-source.js';
 import { TapFileError, TapMerge, type MergeOptions } from '../../src/ingest/tap-merge.js';
-import { encodeTrace, envoyJson } from '../helpers/envoy-tap-emulation.js';
+import { encodeTrace, envoyJson, varint } from '../helpers/envoy-tap-emulation.js';
 
 // ReaderState and EventKind are const enums: their values, spelled out.
 const BUFFERED = 1;
@@ -127,15 +127,6 @@ function gotKey(r: TapFileReader, ev: TapEvent): string {
   return keyOf(r.index, r.stream.nodeId, ev.kind, ev.traceId, ev.hasTimestamp ? [ev.tsSec, ev.tsNsec] : null, ev.payload, ev.seqNum, conn);
 }
 
-const varint = (n: number): Buffer => {
-  const out: number[] = [];
-  while (n > 0x7f) {
-    out.push((n & 0x7f) | 0x80);
-    n >>>= 7;
-  }
-  out.push(n);
-  return Buffer.from(out);
-};
 const grpcFrame = (msg: Buffer): Buffer => {
   const h = Buffer.alloc(5);
   h.writeUInt32BE(msg.length, 1);
