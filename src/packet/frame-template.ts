@@ -62,43 +62,9 @@ export function tcpOffset(v6: boolean): number {
 }
 
 /**
- * The template for segments from `src` to `dst`. `srcIsEnvoy` picks the MACs. Checksums, lengths,
- * IP id, seq, ack and flags are left zero for the slicer.
- */
-export function buildTemplate(src: Endpoint, dst: Endpoint, srcIsEnvoy: boolean): Buffer {
-  const v6 = src.v6;
-  const t = Buffer.alloc(headerLength(v6));
-  t.set(srcIsEnvoy ? MAC_PEER : MAC_ENVOY, 0); // destination MAC
-  t.set(srcIsEnvoy ? MAC_ENVOY : MAC_PEER, 6); // source MAC
-  let o = ETH_LEN;
-  if (!v6) {
-    t.writeUInt16BE(0x0800, 12);
-    t[o] = 0x45; // version 4, IHL 5
-    t[o + 6] = 0x40; // DF
-    t[o + 8] = 64; // TTL
-    t[o + 9] = 6; // TCP
-    t.set(src.ip, o + 12);
-    t.set(dst.ip, o + 16);
-    o += IPV4_LEN;
-  } else {
-    t.writeUInt16BE(0x86dd, 12);
-    t[o] = 0x60; // version 6, traffic class 0, flow label 0
-    t[o + 6] = 6; // next header: TCP
-    t[o + 7] = 64; // hop limit
-    t.set(src.ip, o + 8);
-    t.set(dst.ip, o + 24);
-    o += IPV6_LEN;
-  }
-  t.writeUInt16BE(src.port, o);
-  t.writeUInt16BE(dst.port, o + 2);
-  t[o + 12] = (TCP_LEN / 4) << 4;
-  t.writeUInt16BE(TCP_WINDOW, o + 14);
-  return t;
-}
-
-/**
  * Writes the template of direction d of a flow's wire state into out[off, off + headerLength) —
- * byte for byte what buildTemplate gives for the same endpoints.
+ * Ethernet (the MACs say which side is Envoy), IPv4 or IPv6, TCP; checksums, lengths, IP id, seq,
+ * ack and flags left zero for the slicer.
  */
 export function writeTemplate(w: Uint32Array, v6: boolean, d: number, out: Uint8Array, off: number): void {
   const envoyIsServer = (w[W_FLAGS]! & WF_ENVOY_SERVER) !== 0;
