@@ -12,9 +12,6 @@ import { resolveBrokerConfig, type BrokerConfig, type BrokerFlagValues } from '.
 import { liveConfigProblem, type LiveConfig } from './sink/live-server.js';
 import { ConfigError, parseFlags, type OptionSpec } from './flags.js';
 
-// Re-exported: serve and its tests take everything configuration from here.
-export { ConfigError, parseFlags, usage, type OptionSpec } from './flags.js';
-
 export const SERVE_OPTIONS: OptionSpec[] = [
   { name: 'grpc-listen', kind: 'list', help: 'StreamTaps listener: unix:/path or host:port (repeatable)' },
   { name: 'write', short: 'w', kind: 'string', help: "capture file (pcapng by default), or '-' for standard output" },

@@ -3,7 +3,8 @@
  * and on SIGTERM/SIGINT flushes and closes everything within 5 s, exiting 0.
  */
 import path from 'node:path';
-import { ConfigError, loadServeConfig, SERVE_OPTIONS, usage, type ServeConfig } from '../config.js';
+import { loadServeConfig, SERVE_OPTIONS, type ServeConfig } from '../config.js';
+import { ConfigError, usage } from '../flags.js';
 import { ControlServer } from '../control/http-server.js';
 import { createLogger } from '../control/logger.js';
 import { createMetrics } from '../control/metrics.js';
