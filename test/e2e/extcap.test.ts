@@ -13,7 +13,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { chooseExtcapDir, configText, dltsText, interfacesText } from '../../src/cli/extcap.js';
 import { parseCapture } from '../helpers/pcap-read.js';
 import { tsharkFields } from '../helpers/tshark.js';
-import { expectedHttp2Info, makePki, REPO, sleep, startLiveEnv, tmpDir, waitFor, writeTokenFiles, type LiveEnv, type Pki } from './live-harness.js';
+import { expectedHttp2Info, makePki, pcapngPackets, REPO, sleep, startLiveEnv, tmpDir, waitFor, writeTokenFiles, type LiveEnv, type Pki } from './live-harness.js';
 
 const BIN = path.join(REPO, 'bin', 'meshcap.js');
 const ENTRY = path.join(REPO, 'dist', 'src', 'cli', 'extcap.js');
@@ -237,7 +237,9 @@ describe.skipIf(!BUILT)('meshcap extcap --capture, run directly', () => {
     reader.on('data', (d) => chunks.push(d as Buffer));
     await waitFor(() => e.live.viewerCount === 1, 'connected', 15_000);
     e.feedFixture();
-    await waitFor(() => Buffer.concat(chunks).length > 0 && parseCapture(Buffer.concat(chunks)).packets.length === 22, 'packets in the fifo', 10_000);
+    // The fifo is read while it is written: count whole blocks only, then parse strictly.
+    await waitFor(() => pcapngPackets(Buffer.concat(chunks)).length === 22, 'packets in the fifo', 10_000);
+    expect(parseCapture(Buffer.concat(chunks)).packets.length).toBe(22);
     c.child.kill('SIGTERM');
     const r = await c.done;
     expect(r.code).toBe(0);
