@@ -14,9 +14,11 @@ const outPath = path.join(root, 'src/packet/kernel-wasm.ts');
 
 export async function assembleKernel() {
   const wabt = await wabtInit();
-  const mod = wabt.parseWat('kernel.wat', fs.readFileSync(watPath, 'utf8'), { simd: true });
+  // threads: the memory is shared with the capture writer thread (no atomics are used).
+  const features = { simd: true, threads: true };
+  const mod = wabt.parseWat('kernel.wat', fs.readFileSync(watPath, 'utf8'), features);
   try {
-    mod.validate();
+    mod.validate(features);
     return Buffer.from(mod.toBinary({ log: false, write_debug_names: false }).buffer);
   } finally {
     mod.destroy();

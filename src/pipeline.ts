@@ -46,6 +46,8 @@ export class Pipeline implements TapEventHandler, BlockOutput {
   readonly flows: FlowTable;
   private readonly pool: BlockPool;
   private readonly sinks: BlockSink[] = [];
+  /** The sink that lays out blocks for its disk (the file sink), if any. */
+  private layout: BlockSink | null = null;
   private readonly limiter: LogLimiter;
   private flushTimer: NodeJS.Timeout | null = null;
   private sweepTimer: NodeJS.Timeout | null = null;
@@ -72,6 +74,7 @@ export class Pipeline implements TapEventHandler, BlockOutput {
 
   addSink(sink: BlockSink): void {
     this.sinks.push(sink);
+    if (!this.layout && sink.nextBlockLead) this.layout = sink;
   }
 
   /** Starts the flush and idle-sweep timers (not used by one-shot conversion). */
@@ -102,7 +105,7 @@ export class Pipeline implements TapEventHandler, BlockOutput {
     const full = this.current;
     if (full && full.count > 0) this.dispatch(full);
     else if (full) this.pool.release(full);
-    this.current = this.pool.acquire();
+    this.current = this.take();
     return this.current;
   }
 
@@ -110,8 +113,15 @@ export class Pipeline implements TapEventHandler, BlockOutput {
   flush(): void {
     if (this.current && this.current.count > 0) {
       this.dispatch(this.current);
-      this.current = this.pool.acquire();
+      this.current = this.take();
     }
+  }
+
+  /** An empty block, laid out for the file sink's disk (after the previous one was dispatched). */
+  private take(): Block | null {
+    const block = this.pool.acquire();
+    if (block && this.layout) block.lead(this.layout.nextBlockLead!());
+    return block;
   }
 
   /** Flushes, stops timers, closes every sink. */

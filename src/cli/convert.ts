@@ -74,6 +74,9 @@ class WaitableSink implements BlockSink {
   close(): Promise<void> {
     return this.inner.close();
   }
+  nextBlockLead(): number {
+    return this.inner.nextBlockLead?.() ?? 0;
+  }
   /** Settles at the next block handed back. */
   blockReleased(): Promise<void> {
     return new Promise((resolve) => (this.wake = resolve));

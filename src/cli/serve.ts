@@ -103,6 +103,8 @@ export async function serve(argv: string[]): Promise<number> {
     stats,
     log,
   );
+  // The capture file exists before the first tap stream is accepted.
+  await fileSink.ready;
   pipeline.addSink(fileSink);
   if (live) pipeline.addSink(live);
   let broker: BrokerSink | null = null;

@@ -10,6 +10,7 @@ export interface SinkCounters {
   packetsWritten: number;
   bytesWritten: number;
   filesCompleted?: number;
+  directBytesWritten?: number;
 }
 
 export function createMetrics(stats: PipelineStats, sinks: () => SinkCounters[]): client.Registry {
@@ -103,6 +104,17 @@ export function createMetrics(stats: PipelineStats, sinks: () => SinkCounters[])
       this.reset();
       let n = 0;
       for (const s of sinks()) n += s.filesCompleted ?? 0;
+      this.inc(n);
+    },
+  });
+  new client.Counter({
+    name: 'meshcap_capture_direct_io_bytes_total',
+    help: 'Of the file sink\'s written bytes, those written by direct I/O (O_DIRECT, bypassing the page cache); 0 on filesystems without it.',
+    registers: [registry],
+    collect() {
+      this.reset();
+      let n = 0;
+      for (const s of sinks()) n += s.directBytesWritten ?? 0;
       this.inc(n);
     },
   });

@@ -3,12 +3,20 @@
  *
  * The slicer writes each frame once, straight into the block, leaving room before and after it
  * for the record framing of the primary output format (pcapng EPB, pcap record header), which the
- * framer fills in place. A file sink then writes `buf[0, used)` as it is: the payload is copied
+ * framer fills in place. A file sink then writes `buf[start, used)` as it is: the payload is copied
  * once, from the received message into the block. Sinks that need another format re-frame from the
  * metadata (frameOff/capLen/...).
+ *
+ * Blocks live in one shared, page-aligned memory per pool (the capture writer thread writes them
+ * from there). A block's records may begin after a short lead (`start`, < 4 KiB) that the file
+ * sink asks for, so that they land at the same offset modulo 4 KiB in the file as in memory: whole
+ * pages can then go to disk by direct I/O, without a copy into the page cache.
  */
 import type { RecordFramer } from '../format/record-framer.js';
-import { kernelMemory, type Kernel } from './wasm-kernel.js';
+import { bindKernel, blockMemory, type Kernel } from './wasm-kernel.js';
+
+/** The page size direct I/O works in; blocks sit at multiples of it in their memory. */
+export const PAGE = 4096;
 
 /** Frame direction relative to Envoy, as pcapng epb_flags encodes it. */
 export const enum Direction {
@@ -22,6 +30,9 @@ export class Block {
   readonly buf: Buffer;
   /** Aligned word view over buf, for the checksum loop. */
   readonly u32: Uint32Array;
+  /** Where the records begin (the lead before it is unused). */
+  start = 0;
+  /** Where the next record goes; the records are buf[start, used). */
   used = 0;
   count = 0;
   readonly frameOff: Uint32Array;
@@ -43,23 +54,16 @@ export class Block {
   readonly base: number;
   readonly kernel: Kernel | null;
 
-  /** `arena`: the kernel whose memory holds a pool's blocks, and this block's offset in it. */
+  /** `arena`: the pool's memory, this block's offset in it, and the kernel bound to it (or null). */
   constructor(
     readonly size: number,
     readonly framer: RecordFramer,
     readonly maxFrames: number,
-    arena?: { kernel: Kernel; offset: number },
+    arena: { memory: WebAssembly.Memory; offset: number; kernel: Kernel | null },
   ) {
-    if (arena) {
-      this.buf = Buffer.from(arena.kernel.memory.buffer, arena.offset, size);
-      this.base = arena.offset;
-      this.kernel = arena.kernel;
-    } else {
-      // A non-pooled ArrayBuffer at offset 0, so the word view lines up with buf.
-      this.buf = Buffer.allocUnsafeSlow(size);
-      this.base = 0;
-      this.kernel = null;
-    }
+    this.buf = Buffer.from(arena.memory.buffer, arena.offset, size);
+    this.base = arena.offset;
+    this.kernel = arena.kernel;
     this.buf.fill(0); // touch every page now, not on the hot path
     // Word view over the whole underlying memory: index (byteOffset + offset) >>> 2.
     this.u32 = new Uint32Array(this.buf.buffer, this.base, size >>> 2);
@@ -79,10 +83,23 @@ export class Block {
       this.comment[i] = null;
       this.dropCount[i] = 0;
     }
+    this.start = 0;
     this.used = 0;
     this.count = 0;
     this.refs = 0;
     this.firstFrameAt = 0;
+  }
+
+  /** Leaves `lead` bytes unused before the first record (an empty block only). */
+  lead(lead: number): void {
+    if (this.count > 0 || lead < 0 || lead >= PAGE) throw new RangeError(`block lead ${lead}: must be 0..${PAGE - 1}, on an empty block`);
+    this.start = lead;
+    this.used = lead;
+  }
+
+  /** The records, as a view (allocates: once per block, for sinks). */
+  records(): Buffer {
+    return this.buf.subarray(this.start, this.used);
   }
 
   /** Bytes still free. */
@@ -108,11 +125,13 @@ export class BlockPool {
   constructor(count: number, size: number, framer: RecordFramer, useKernel = true) {
     // The smallest record is a TCP ACK frame (54 bytes) plus framing.
     const maxFrames = Math.ceil(size / (54 + framer.minOverhead));
-    // Blocks 64-byte aligned inside one WebAssembly memory, so the packet kernel works in place.
-    const stride = (size + 63) & ~63;
-    const kernel = useKernel ? kernelMemory(stride * count) : null;
+    // Blocks page-aligned inside one shared WebAssembly memory: the packet kernel works in place,
+    // the capture writer thread writes from it, and whole pages suit direct I/O.
+    const stride = (size + PAGE - 1) & ~(PAGE - 1);
+    const memory = blockMemory(stride * count);
+    const kernel = useKernel ? bindKernel(memory, stride * count) : null;
     for (let i = 0; i < count; i++) {
-      const b = new Block(size, framer, maxFrames, kernel ? { kernel, offset: i * stride } : undefined);
+      const b = new Block(size, framer, maxFrames, { memory, offset: i * stride, kernel });
       this.all.push(b);
       this.idle.push(b);
     }

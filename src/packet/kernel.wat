@@ -3,13 +3,14 @@
 ;; Source of src/packet/kernel-wasm.ts (generated: `node scripts/build-wasm.mjs`; a unit test fails
 ;; when the two disagree). The memory is imported: it holds the output blocks (src/packet/block.ts)
 ;; and a small scratch area for header templates (one slot per direction), so both functions work
-;; in place.
+;; in place. It is shared (a SharedArrayBuffer): the capture writer thread writes the blocks to disk
+;; from it (src/sink/capture-writer-thread.ts). The kernel itself uses no atomics.
 ;;
 ;; Checksums are one's-complement sums of little-endian 16-bit loads (the "LE domain" of
 ;; checksum.ts): the sum of a byte string is byte order independent up to a final swap (RFC 1071
 ;; §2(B)), so a checksum computed this way is stored with a little-endian store and lands right.
 (module
-  (import "env" "memory" (memory 1))
+  (import "env" "memory" (memory 1 65536 shared))
 
   ;; Folds an unfolded sum to 16 bits with end-around carry (inputs below 2^48).
   (func $fold (param $s i64) (result i32)

@@ -70,16 +70,24 @@ function kernelModule(): WebAssembly.Module | null {
 }
 
 /**
- * A memory of at least `bytes` (rounded up to 64 KiB pages) with the kernel bound to it, or null.
- * The template scratch area sits after those bytes.
+ * The memory a pool's blocks live in: at least `bytes` plus the kernel's template scratch area,
+ * rounded up to 64 KiB pages. Shared, so the capture writer thread can write blocks from it, and
+ * page-aligned (WebAssembly memories are mapped pages), so 4 KiB-aligned offsets in it suit direct
+ * I/O. Never grown: views over memory.buffer (the blocks) stay valid.
  */
-export function kernelMemory(bytes: number): Kernel | null {
+export function blockMemory(bytes: number): WebAssembly.Memory {
+  const pages = Math.ceil((scratchOffset(bytes) + TEMPLATE_SCRATCH) / 65536);
+  return new WebAssembly.Memory({ initial: pages, maximum: pages, shared: true });
+}
+
+/** Where the template scratch area starts in a blockMemory(bytes). */
+const scratchOffset = (bytes: number): number => (bytes + 63) & ~63;
+
+/** The kernel bound to a blockMemory(bytes), or null where WebAssembly SIMD is unavailable. */
+export function bindKernel(memory: WebAssembly.Memory, bytes: number): Kernel | null {
   const mod = kernelModule();
   if (!mod) return null;
-  const scratch = (bytes + 63) & ~63;
-  const pages = Math.ceil((scratch + TEMPLATE_SCRATCH) / 65536);
-  // Never grown: views over memory.buffer (the blocks) would be detached.
-  const memory = new WebAssembly.Memory({ initial: pages, maximum: pages });
+  const scratch = scratchOffset(bytes);
   const instance = new WebAssembly.Instance(mod, { env: { memory } });
   return {
     memory,
@@ -89,4 +97,9 @@ export function kernelMemory(bytes: number): Kernel | null {
     scratchView: new Uint8Array(memory.buffer, scratch, TEMPLATE_SCRATCH),
     tmplOf: [null, null],
   };
+}
+
+/** A fresh memory of at least `bytes` with the kernel bound to it, or null (tests). */
+export function kernelMemory(bytes: number): Kernel | null {
+  return bindKernel(blockMemory(bytes), bytes);
 }

@@ -1322,9 +1322,10 @@ export class BrokerSink implements BlockSink {
     const drop = lane.pendingDrop;
     if (laneOf === null && drop === 0 && block.framer.name === fr.name) {
       // Same format, nothing to add: one copy of the block's records.
-      const buf = lane.acquireBuf(block.used);
-      block.buf.copy(buf, 0, 0, block.used);
-      lane.accept(buf.subarray(0, block.used), block.count);
+      const len = block.used - block.start;
+      const buf = lane.acquireBuf(len);
+      block.buf.copy(buf, 0, block.start, block.used);
+      lane.accept(buf.subarray(0, len), block.count);
       return;
     }
     const ann = fr.carriesAnnotations;

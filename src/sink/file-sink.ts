@@ -9,18 +9,23 @@
  *  - `-w -` writes one endless stream to standard output (pipe it into `wireshark -k -i -`).
  *
  * Blocks are written as they arrive (the pipeline flushes at least every flush interval), so after
- * a SIGKILL the open .part file is readable up to the last block written. Writes are sequential and
- * asynchronous; a disk that cannot keep up makes the queue grow to its bound, after which blocks are
- * dropped and counted, never waited for. A failed write (disk full) is undone (the file is
- * truncated back to its last whole record), logged and counted, and the sink carries on.
+ * a SIGKILL the open .part file is readable up to the last block written. The files are written by
+ * the capture writer thread (capture-writer-thread.ts), straight from the blocks' shared memory and
+ * by direct I/O where the filesystem allows (capture-file.ts); this side decides what goes where
+ * (rotation, ring, loss markers) and never waits. A disk that cannot keep up makes the queue grow to
+ * its bound, after which blocks are dropped and counted. A failed write (disk full) is undone (the
+ * file is truncated back to its last whole record), logged and counted, and the sink carries on.
  */
 import fs from 'node:fs';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Worker } from 'node:worker_threads';
 import type { Logger } from 'pino';
 import type { PipelineStats } from '../control/stats.js';
 import { interfaceStatistics } from '../format/pcapng.js';
 import type { RecordFramer } from '../format/record-framer.js';
-import type { Block } from '../packet/block.js';
+import { PAGE, type Block } from '../packet/block.js';
+import { DONE_OK, type WriterCommand, type WriterInit, type WriterReply } from './capture-writer-thread.js';
 import type { BlockSink } from './sink.js';
 
 export interface FileSinkOptions {
@@ -38,46 +43,55 @@ export interface FileSinkOptions {
   maxFiles?: number;
   /** Blocks allowed to wait for the disk before new ones are dropped. */
   maxQueuedBlocks: number;
+  /** Direct I/O where the filesystem allows it (default true; MESHCAP_NO_DIRECT_IO=1 turns it off). */
+  directIo?: boolean;
   onAutostop?: (reason: string) => void;
 }
 
+/** The file being written, as this side sees it (commands sent, not necessarily done). */
 interface OpenFile {
-  fd: number;
   part: string;
-  final: string;
+  /** Predicted size once every command sent so far is done (lays out the next block). */
   size: number;
-  openedAt: number;
+  /** Packets sent to this file. */
   packets: number;
-  dropsAtOpen: number;
-  firstSec: number;
-  firstNsec: number;
-  lastSec: number;
-  lastNsec: number;
 }
 
 export class FileSink implements BlockSink {
   readonly name = 'file';
   private file: OpenFile | null = null;
-  private readonly queue: Block[] = [];
-  private release: ((b: Block) => void) | null = null;
-  private writing = false;
+  private readonly worker: Worker;
+  /** Blocks sent to the thread and not yet answered, by sequence number, with their release. */
+  private readonly inflight = new Map<number, { block: Block; release: (b: Block) => void }>();
+  private seq = 0;
+  /** The next sequence number to take back, and the thread's published outcomes (see WriterInit). */
+  private reaped = 1;
+  private readonly results: Int32Array;
+  private readonly memories = new Map<ArrayBufferLike, number>();
   private rotateDue = false;
-  private seqNo = 0;
-  private readonly completed: string[] = [];
   private timer: NodeJS.Timeout | null = null;
   private closing: Promise<void> | null = null;
-  private idle: (() => void) | null = null;
+  private drained: (() => void) | null = null;
+  private exited: Promise<void>;
   private readonly rotating: boolean;
   private readonly toStdout: boolean;
+  private readonly headerBytes: number;
   private stopped = false;
-  /** Blocks handed to writev and not yet back. */
-  private inflight = 0;
+  private failed = false;
+  /** Files completed by rotation so far (-a files:N counts them). */
+  private filesFinished = 0;
+  private seqNo = 0;
   /** Packets dropped for backpressure since the last loss marker. */
   private lostHere = 0;
   private openPending = false;
   packetsWritten = 0;
   bytesWritten = 0;
+  /** Of bytesWritten, what went to disk by direct I/O (the rest through the page cache). */
+  directBytesWritten = 0;
   filesCompleted = 0;
+  /** Settles when the first file has been created (or could not be: that is logged). */
+  readonly ready: Promise<void>;
+  private firstOpened: (() => void) | null = null;
 
   constructor(
     private readonly opts: FileSinkOptions,
@@ -86,12 +100,26 @@ export class FileSink implements BlockSink {
   ) {
     this.toStdout = opts.path === '-';
     this.rotating = !this.toStdout && (opts.maxFileBytes > 0 || opts.rotateSeconds > 0);
+    this.headerBytes = opts.framer.fileHeader({ snaplen: opts.snaplen }).length;
     if (!this.toStdout) fs.mkdirSync(path.dirname(path.resolve(opts.path)), { recursive: true, mode: 0o700 });
+    // One outcome slot per block that may be in flight, plus the "last done" word.
+    this.results = new Int32Array(new SharedArrayBuffer(4 * (opts.maxQueuedBlocks + 2)));
+    const init: WriterInit = {
+      annotations: opts.framer.carriesAnnotations,
+      direct: !this.toStdout && (opts.directIo ?? true) && !process.env.MESHCAP_NO_DIRECT_IO,
+      ringFiles: opts.ringFiles,
+      results: this.results,
+    };
+    this.worker = new Worker(writerThreadUrl(), { workerData: init, stdout: false, stderr: false });
+    this.worker.on('message', (r: WriterReply) => this.onReply(r));
+    this.exited = new Promise((resolve) => this.worker.once('exit', () => resolve()));
+    this.worker.on('error', (err) => this.onThreadError(err));
+    this.ready = new Promise((resolve) => (this.firstOpened = resolve));
     this.openNext();
     if (this.rotating && opts.rotateSeconds > 0) {
       this.timer = setInterval(() => {
         this.rotateDue = true;
-        if (!this.writing && this.queue.length === 0 && this.file && this.file.packets > 0) this.rotateNow();
+        if (this.inflight.size === 0 && this.file && this.file.packets > 0) this.rotateNow();
       }, opts.rotateSeconds * 1000);
       this.timer.unref();
     }
@@ -102,91 +130,163 @@ export class FileSink implements BlockSink {
     return this.file ? this.file.part : null;
   }
 
+  /**
+   * The next block's records should start where the file's next byte sits within its page: then
+   * the thread can write the block's whole pages by direct I/O. A guess when a rotation or a drop
+   * intervenes (that block then goes through the page cache, nothing else changes).
+   */
+  nextBlockLead(): number {
+    if (this.toStdout) return 0;
+    const size = this.file && !this.openPending ? this.file.size : this.headerBytes;
+    return size & (PAGE - 1);
+  }
+
   write(block: Block, release: (b: Block) => void): void {
-    this.release = release;
-    if (this.stopped || this.queue.length + this.inflight >= this.opts.maxQueuedBlocks) {
-      this.stats.drop(this.stopped ? 'sink_error' : 'sink_backpressure', block.count);
-      if (!this.stopped) this.lostHere += block.count;
+    this.reap();
+    if (this.stopped || this.failed || this.inflight.size >= this.opts.maxQueuedBlocks) {
+      this.stats.drop(this.stopped || this.failed ? 'sink_error' : 'sink_backpressure', block.count);
+      if (!this.stopped && !this.failed) this.lostHere += block.count;
       release(block);
       return;
     }
-    this.queue.push(block);
-    if (!this.writing) this.pump();
+    const len = block.used - block.start;
+    // After a rotation the next file opens with its first block (as tcpdump -G does), so an idle
+    // period leaves no empty files behind.
+    if (this.openPending) this.openNext();
+    let f = this.file!;
+    if (this.rotating && f.packets > 0 && (this.rotateDue || (this.opts.maxFileBytes > 0 && f.size + len > this.opts.maxFileBytes))) {
+      this.rotateNow();
+      if (this.stopped) {
+        this.stats.drop('sink_error', block.count);
+        release(block);
+        return;
+      }
+      this.openNext();
+      f = this.file!;
+    }
+    this.markLoss(f);
+    const seq = ++this.seq;
+    f.size += len;
+    f.packets += block.count;
+    this.inflight.set(seq, { block, release });
+    const count = block.count;
+    this.send({
+      op: 'block',
+      seq,
+      mem: this.memoryId(block.buf.buffer),
+      off: block.buf.byteOffset + block.start,
+      len,
+      packets: count,
+      firstSec: block.tsSec[0]!,
+      firstNsec: block.tsNsec[0]!,
+      lastSec: block.tsSec[count - 1]!,
+      lastNsec: block.tsNsec[count - 1]!,
+    });
   }
 
   async close(): Promise<void> {
     if (this.closing) return this.closing;
     this.closing = (async () => {
       if (this.timer) clearInterval(this.timer);
-      if (this.writing || this.queue.length > 0) await new Promise<void>((resolve) => (this.idle = resolve));
-      this.finishFile(true);
+      if (!this.failed) {
+        this.send({ op: 'finish', totalDrops: this.stats.totalDrops(), now: Date.now(), last: true });
+        this.file = null;
+        this.send({ op: 'exit' });
+      }
+      if (this.inflight.size > 0 && !this.failed) await new Promise<void>((resolve) => (this.drained = resolve));
+      await this.exited;
     })();
     return this.closing;
   }
 
+  private send(c: WriterCommand): void {
+    this.worker.postMessage(c);
+  }
+
+  /** The thread's id for a block memory, sent to it the first time (shared, never copied). */
+  private memoryId(buffer: ArrayBufferLike): number {
+    let id = this.memories.get(buffer);
+    if (id === undefined) {
+      if (!(buffer instanceof SharedArrayBuffer)) throw new TypeError('FileSink: blocks must live in shared memory (BlockPool)');
+      id = this.memories.size;
+      this.memories.set(buffer, id);
+      this.send({ op: 'memory', id, sab: buffer });
+    }
+    return id;
+  }
+
   /**
-   * Writes every queued block that belongs in the current file with one writev: under load an
-   * event-loop turn can last tens of milliseconds, and one block per turn would starve the disk.
+   * Takes back every block the thread has finished with, in order, reading its published outcomes:
+   * called for each block dispatched, so blocks return even while a long event-loop turn keeps the
+   * thread's messages waiting.
    */
-  private pump(): void {
-    if (this.queue.length === 0) {
-      this.writing = false;
-      const idle = this.idle;
-      this.idle = null;
-      idle?.();
-      return;
-    }
-    this.writing = true;
-    // After a rotation the next file opens with its first block (as tcpdump -G does), so an idle
-    // period leaves no empty files behind.
-    if (!this.file && this.openPending) this.openNext();
-    const f = this.file;
-    const first = this.queue[0]!;
-    if (f && this.rotating && f.packets > 0 && (this.rotateDue || (this.opts.maxFileBytes > 0 && f.size + first.used > this.opts.maxFileBytes))) {
-      this.rotateNow();
-      if (!this.stopped) this.openNext();
-    }
-    const target = this.file;
-    if (!target) {
-      const block = this.queue.shift()!;
-      this.stats.drop('sink_error', block.count);
-      this.release?.(block);
-      setImmediate(() => this.pump());
-      return;
-    }
-    this.markLoss(target);
-    // The batch: blocks in order, as long as they fit the size limit of this file.
-    const batch: Block[] = [];
-    let bytes = 0;
-    while (this.queue.length > 0) {
-      const next = this.queue[0]!;
-      if (batch.length > 0 && this.rotating && this.opts.maxFileBytes > 0 && target.size + bytes + next.used > this.opts.maxFileBytes) break;
-      batch.push(this.queue.shift()!);
-      bytes += next.used;
-    }
-    this.inflight = batch.length;
-    const views = batch.map((b) => b.buf.subarray(0, b.used));
-    fs.writev(target.fd, views, (err, written) => {
-      this.inflight = 0;
-      if (err || written !== bytes) {
-        this.writeFailed(target, batch, err ?? new Error(`short write: ${written} of ${bytes} bytes`));
+  private reap(): void {
+    const r = this.results;
+    const done = Atomics.load(r, 0);
+    while (this.reaped <= done) {
+      const seq = this.reaped++;
+      const entry = this.inflight.get(seq);
+      if (!entry) continue;
+      this.inflight.delete(seq);
+      const { block, release } = entry;
+      if (r[1 + (seq % (r.length - 1))] === DONE_OK) {
+        this.packetsWritten += block.count;
+        this.bytesWritten += block.used - block.start;
       } else {
-        target.size += written;
-        this.bytesWritten += written;
-        for (const block of batch) {
-          target.packets += block.count;
-          this.packetsWritten += block.count;
-          if (target.packets === block.count) {
-            target.firstSec = block.tsSec[0]!;
-            target.firstNsec = block.tsNsec[0]!;
-          }
-          target.lastSec = block.tsSec[block.count - 1]!;
-          target.lastNsec = block.tsNsec[block.count - 1]!;
-        }
+        // Logged when its message arrives, with the error.
+        this.stats.drop('sink_error', block.count);
       }
-      for (const block of batch) this.release?.(block);
-      this.pump();
-    });
+      release(block);
+    }
+  }
+
+  private onReply(r: WriterReply): void {
+    switch (r.op) {
+      case 'done': {
+        if (r.ok) this.directBytesWritten += r.direct;
+        else {
+          this.log.error({ err: r.err, code: r.code, file: r.part, packets: r.packets }, 'capture write failed; packets dropped');
+          // The blocks sent after this one land that much earlier than predicted.
+          if (this.file && this.file.part === r.part) this.file.size -= r.undone;
+        }
+        this.reap();
+        if (this.inflight.size === 0) this.onIdle();
+        return;
+      }
+      case 'log':
+        this.log[r.level](r.obj, r.msg);
+        return;
+      case 'opened':
+        this.firstOpened?.();
+        this.firstOpened = null;
+        return;
+      case 'completed':
+        this.filesCompleted++;
+        return;
+      case 'exited':
+        return;
+    }
+  }
+
+  /** Nothing in flight: a -G rotation that came due meanwhile, or close() waiting. */
+  private onIdle(): void {
+    if (this.rotateDue && !this.closing && this.file && this.file.packets > 0) this.rotateNow();
+    const drained = this.drained;
+    this.drained = null;
+    drained?.();
+  }
+
+  /** The thread died (a bug, or out of memory): nothing more can be written; say so, count it. */
+  private onThreadError(err: Error): void {
+    this.failed = true;
+    this.log.error({ err: err.message }, 'capture writer thread failed; packets are dropped from now on');
+    for (const { block, release } of this.inflight.values()) {
+      this.stats.drop('sink_error', block.count);
+      release(block);
+    }
+    this.inflight.clear();
+    this.drained?.();
+    this.firstOpened?.();
   }
 
   /**
@@ -196,43 +296,19 @@ export class FileSink implements BlockSink {
    */
   private markLoss(f: OpenFile): void {
     if (this.lostHere === 0 || !this.opts.framer.carriesAnnotations) return;
-    const lost = this.lostHere;
+    const comment = `meshcap: ${this.lostHere} packets dropped here: the disk could not keep up (sink_backpressure)`;
     this.lostHere = 0;
-    const now = Date.now();
-    const isb = interfaceStatistics({
-      startSec: f.packets ? f.firstSec : Math.floor(f.openedAt / 1000),
-      startNsec: f.packets ? f.firstNsec : 0,
-      endSec: Math.floor(now / 1000),
-      endNsec: (now % 1000) * 1e6,
-      received: f.packets,
-      dropped: this.stats.totalDrops() - f.dropsAtOpen,
-      comment: `meshcap: ${lost} packets dropped here: the disk could not keep up (sink_backpressure)`,
-    });
-    try {
-      fs.writeSync(f.fd, isb);
-      f.size += isb.length;
-    } catch (err) {
-      this.log.error({ err: (err as Error).message, file: f.part }, 'cannot write a loss marker');
-    }
-  }
-
-  private writeFailed(f: OpenFile, blocks: Block[], err: NodeJS.ErrnoException): void {
-    const packets = blocks.reduce((n, b) => n + b.count, 0);
-    this.stats.drop('sink_error', packets);
-    this.log.error({ err: err.message, code: err.code, file: f.part, packets }, 'capture write failed; packets dropped');
-    // Cut any partial record so the file stays readable.
-    try {
-      if (!this.toStdout) fs.ftruncateSync(f.fd, f.size);
-    } catch {
-      /* the file may be gone; the next write reports it */
-    }
+    this.send({ op: 'marker', comment, totalDrops: this.stats.totalDrops(), now: Date.now() });
+    f.size += isbLength(comment);
   }
 
   /** Completes the open file; the next one opens when the next block arrives. */
   private rotateNow(): void {
     this.rotateDue = false;
-    this.finishFile(false);
-    if (this.opts.maxFiles && this.filesCompleted >= this.opts.maxFiles) {
+    this.send({ op: 'finish', totalDrops: this.stats.totalDrops(), now: Date.now(), last: false });
+    this.file = null;
+    this.filesFinished++;
+    if (this.opts.maxFiles && this.filesFinished >= this.opts.maxFiles) {
       this.stopped = true;
       this.opts.onAutostop?.(`files:${this.opts.maxFiles}`);
       return;
@@ -243,73 +319,10 @@ export class FileSink implements BlockSink {
   private openNext(): void {
     this.openPending = false;
     const final = this.nextName();
-    try {
-      const part = this.toStdout ? '-' : `${final}.part`;
-      const fd = this.toStdout ? 1 : fs.openSync(part, 'w', 0o600);
-      const header = this.opts.framer.fileHeader({ snaplen: this.opts.snaplen });
-      fs.writeSync(fd, header);
-      this.file = {
-        fd,
-        part,
-        final,
-        size: header.length,
-        openedAt: Date.now(),
-        packets: 0,
-        dropsAtOpen: this.stats.totalDrops(),
-        firstSec: 0,
-        firstNsec: 0,
-        lastSec: 0,
-        lastNsec: 0,
-      };
-      this.log.info({ file: part }, 'capture file opened');
-    } catch (err) {
-      this.file = null;
-      this.log.error({ err: (err as Error).message, file: final }, 'cannot open capture file');
-    }
-  }
-
-  /** Writes the ISB, closes and renames the open file; `last` at shutdown (no file follows). */
-  private finishFile(last: boolean): void {
-    const f = this.file;
-    if (!f) return;
-    this.file = null;
-    try {
-      if (this.opts.framer.carriesAnnotations) {
-        const now = Date.now();
-        const isb = interfaceStatistics({
-          startSec: f.packets ? f.firstSec : Math.floor(f.openedAt / 1000),
-          startNsec: f.packets ? f.firstNsec : 0,
-          endSec: f.packets ? f.lastSec : Math.floor(now / 1000),
-          endNsec: f.packets ? f.lastNsec : 0,
-          received: f.packets,
-          dropped: this.stats.totalDrops() - f.dropsAtOpen,
-        });
-        fs.writeSync(f.fd, isb);
-      }
-      if (this.toStdout) return;
-      fs.closeSync(f.fd);
-      fs.renameSync(f.part, f.final);
-      this.filesCompleted++;
-      this.completed.push(f.final);
-      this.log.info({ file: f.final, packets: f.packets, bytes: f.size }, 'capture file completed');
-      this.trimRing(last);
-    } catch (err) {
-      this.log.error({ err: (err as Error).message, file: f.part }, 'cannot complete capture file');
-    }
-  }
-
-  /** -W: delete the oldest completed files beyond the ring size (a file about to open counts). */
-  private trimRing(last: boolean): void {
-    const keep = this.opts.ringFiles;
-    if (!keep) return;
-    while (this.completed.length > (last ? keep : keep - 1)) {
-      const old = this.completed.shift()!;
-      try {
-        fs.unlinkSync(old);
-      } catch (err) {
-        this.log.warn({ err: (err as Error).message, file: old }, 'cannot remove old ring file');
-      }
-    }
+    const part = this.toStdout ? '-' : `${final}.part`;
+    const header = this.opts.framer.fileHeader({ snaplen: this.opts.snaplen });
+    this.send({ op: 'open', part, final, header, openedAt: Date.now(), dropsAtOpen: this.stats.totalDrops() });
+    this.file = { part, size: header.length, packets: 0 };
   }
 
   private nextName(): string {
@@ -322,4 +335,20 @@ export class FileSink implements BlockSink {
     const stamp = `${d.getFullYear()}${p2(d.getMonth() + 1)}${p2(d.getDate())}${p2(d.getHours())}${p2(d.getMinutes())}${p2(d.getSeconds())}`;
     return `${stem}_${String(this.seqNo).padStart(5, '0')}_${stamp}${ext}`;
   }
+}
+
+/** Length of a loss marker ISB with this comment (its other options are fixed-size). */
+function isbLength(comment: string): number {
+  return interfaceStatistics({ startSec: 0, startNsec: 0, endSec: 0, endNsec: 0, received: 0, dropped: 0, comment }).length;
+}
+
+/**
+ * The thread's compiled module: next to this one in dist/, or, when this module runs from its
+ * TypeScript source (vitest), the build's copy (the test setup builds first).
+ */
+function writerThreadUrl(): URL {
+  const here = fileURLToPath(import.meta.url);
+  if (here.endsWith('.js')) return new URL('./capture-writer-thread.js', import.meta.url);
+  const root = path.resolve(path.dirname(here), '..', '..');
+  return new URL(`file://${path.join(root, 'dist', 'src', 'sink', 'capture-writer-thread.js')}`);
 }

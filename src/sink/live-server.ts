@@ -481,7 +481,7 @@ export class LiveServer implements BlockSink {
     let out: Buffer;
     if (kept === n && joins === 0 && block.framer === v.framer) {
       // The block is already in this format: one copy, shared by every such viewer.
-      out = shared.get(v.framer) ?? Buffer.from(block.buf.subarray(0, block.used));
+      out = shared.get(v.framer) ?? Buffer.from(block.records());
       shared.set(v.framer, out);
     } else if (kept === n && joins === 0 && shared.has(v.framer)) {
       out = shared.get(v.framer)!;

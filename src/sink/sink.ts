@@ -11,4 +11,10 @@ export interface BlockSink {
   write(block: Block, release: (block: Block) => void): void;
   /** Writes everything queued and closes (final file renamed, ISB written). */
   close(): Promise<void>;
+  /**
+   * Bytes to leave free at the start of the next block (0..4095), so that its records land at the
+   * same offset modulo 4 KiB on disk as in memory (the file sink's direct I/O). Asked of the first
+   * sink that has it, each time the pipeline takes an empty block.
+   */
+  nextBlockLead?(): number;
 }

@@ -55,7 +55,7 @@ interface Env {
   port: number;
 }
 
-async function startEnv(args: string[], opts: { metrics?: boolean; captureStdout?: boolean } = {}): Promise<Env> {
+async function startEnv(args: string[], opts: { metrics?: boolean; captureStdout?: boolean; fileSizeLimit?: number } = {}): Promise<Env> {
   const dir = tempDir('meshcap-sink-');
   dirs.push(dir);
   const sock = path.join(dir, 'tap.sock');
@@ -65,6 +65,7 @@ async function startEnv(args: string[], opts: { metrics?: boolean; captureStdout
     cwd: dir,
     socket: sock,
     captureStdout: opts.captureStdout,
+    ...(opts.fileSizeLimit !== undefined ? { fileSizeLimit: opts.fileSizeLimit } : {}),
   });
   return { dir, sock, target: `unix:${sock}`, proc, port };
 }
@@ -232,6 +233,63 @@ describe.skipIf(!CLI_BUILT)('meshcap serve: capture files', () => {
     expect(cap.code, cap.stderr).toBe(0);
   });
 
+  it('big captures go to disk by direct I/O where the filesystem allows it (metric), and the file is the same capture', async () => {
+    const env = await startEnv(['-w', '$DIR/out.pcapng', '--flush-interval', '100'], { metrics: true });
+    const total = 12 * 1024 * 1024;
+    const res = await streamTaps(env.target, bulkMessages(8, 41003, total));
+    expect(res.code, res.details).toBe(0);
+    const m = await waitForMetrics(env.port, (x) => x.get('meshcap_packets_total')! > 0 && metricValue(x, 'meshcap_sink_packets_written_total', { sink: 'file' }) === x.get('meshcap_packets_total'));
+    const written = metricValue(m, 'meshcap_sink_written_bytes_total', { sink: 'file' });
+    const direct = metricValue(m, 'meshcap_capture_direct_io_bytes_total');
+    expect(written).toBeGreaterThan(total);
+    if (directIoSupported(env.dir)) expect(direct, `${direct} of ${written} bytes by direct I/O`).toBeGreaterThan(written / 2);
+    else expect(direct).toBe(0);
+    const stop = await env.proc.stop('SIGTERM');
+    expect(stop.code, env.proc.stderr()).toBe(0);
+    const out = path.join(env.dir, 'out.pcapng');
+    expect(readCaptureFile(out).packets.length).toBe(m.get('meshcap_packets_total'));
+    // tshark reads it to the end and finds every payload byte of the connection (without
+    // reassembling the 12 MB HTTP body, which takes tshark most of a minute).
+    const rows = await tsharkFields(out, ['tcp.len'], { prefs: { 'tcp.desegment_tcp_streams': 'FALSE' } });
+    expect(rows.reduce((n, r) => n + Number(r[0]), 0)).toBe(total + 'GET /bulk HTTP/1.1\r\nhost: bulk\r\n\r\n'.length);
+  });
+
+  it('a full disk: the write that does not fit is undone, logged and counted; the file stays whole; meshcap carries on and exits 0', async () => {
+    // RLIMIT_FSIZE stands in for a full disk: writes past 3 MB fail (EFBIG), like ENOSPC.
+    const limit = 3_000_000;
+    const env = await startEnv(['-w', '$DIR/out.pcapng', '--flush-interval', '100'], { metrics: true, fileSizeLimit: limit });
+    const res = await streamTaps(env.target, bulkMessages(9, 41004, 8_000_000));
+    expect(res.code, res.details).toBe(0);
+    const failures = () => env.proc.logs.filter((l) => l.msg === 'capture write failed; packets dropped');
+    const loggedLost = () => failures().reduce((n, l) => n + (l.packets as number), 0);
+    const lostOf = (x: Map<string, number>) => metricValue(x, 'meshcap_dropped_packets_total', { cause: 'sink_error' });
+    const writtenOf = (x: Map<string, number>) => metricValue(x, 'meshcap_sink_packets_written_total', { sink: 'file' });
+    // Every packet made is written or counted lost, and every lost one was logged.
+    const m = await waitForMetrics(env.port, (x) => x.get('meshcap_packets_total')! > 0 && writtenOf(x) + lostOf(x) === x.get('meshcap_packets_total') && loggedLost() === lostOf(x));
+    const written = writtenOf(m);
+    const lost = lostOf(m);
+    expect(written + lost).toBe(m.get('meshcap_packets_total'));
+    expect(loggedLost()).toBe(lost);
+    expect(written).toBeGreaterThan(1000);
+    expect(lost).toBeGreaterThan(2000);
+    expect(failures()[0]!.code).toBe('EFBIG');
+    // Still serving: another stream is taken; what still fits under the limit is written, the rest counted.
+    const again = await streamTaps(env.target, GOOD);
+    expect(again.code, again.details).toBe(0);
+    const m2 = await waitForMetrics(env.port, (x) => x.get('meshcap_packets_total') === m.get('meshcap_packets_total')! + GOOD_PACKETS && writtenOf(x) + lostOf(x) === x.get('meshcap_packets_total'));
+    expect(writtenOf(m2) + lostOf(m2)).toBe(m.get('meshcap_packets_total')! + GOOD_PACKETS);
+    const stop = await env.proc.stop('SIGTERM');
+    expect(stop.code, env.proc.stderr()).toBe(0);
+    const out = path.join(env.dir, 'out.pcapng');
+    expect(fs.existsSync(`${out}.part`)).toBe(false);
+    expect(fs.statSync(out).size).toBeLessThanOrEqual(limit);
+    // Whole records only: our reader and tshark read it to the end and agree on the packets.
+    expect(readCaptureFile(out).packets.length).toBe(writtenOf(m2));
+    const r = await execStatus('tshark', ['-n', '-r', out, '-T', 'fields', '-e', 'frame.number']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout.split('\n').filter(Boolean).length).toBe(writtenOf(m2));
+  });
+
   it('-w FILE is written as FILE.part (0600) and renamed on SIGTERM; exit 0 within 5 s with every packet', async () => {
     const env = await startEnv(['-w', '$DIR/out.pcapng', '--flush-interval', '1000']);
     const out = path.join(env.dir, 'out.pcapng');
@@ -339,6 +397,20 @@ describe.skipIf(!CLI_BUILT)('meshcap serve: capture files', () => {
     expect(readCaptureFile(out).snapLen).toBe(100);
   });
 });
+
+/** Whether `dir`'s filesystem takes O_DIRECT opens (ext4 and xfs do; some tmpfs and overlays do not). */
+function directIoSupported(dir: string): boolean {
+  const probe = path.join(dir, 'direct-probe');
+  fs.writeFileSync(probe, '');
+  try {
+    fs.closeSync(fs.openSync(probe, fs.constants.O_WRONLY | fs.constants.O_DIRECT));
+    return true;
+  } catch {
+    return false;
+  } finally {
+    fs.rmSync(probe);
+  }
+}
 
 function writeTemp(dir: string, name: string, data: Buffer): string {
   const p = path.join(dir, name);

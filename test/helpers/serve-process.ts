@@ -51,6 +51,11 @@ export interface StartOptions {
   captureStdout?: boolean;
   /** Unix socket path to wait for (in addition to the 'meshcap serving' log line). */
   socket?: string;
+  /**
+   * RLIMIT_FSIZE in bytes (util-linux `prlimit`): writes past it fail with EFBIG, as writes to a
+   * full disk fail with ENOSPC — the same error path, without a filesystem to fill.
+   */
+  fileSizeLimit?: number;
   readyTimeoutMs?: number;
 }
 
@@ -101,7 +106,9 @@ export function sleep(ms: number): Promise<void> {
 
 /** Spawns `meshcap serve ARGS` and resolves once it logged 'meshcap serving' (and its socket exists). */
 export async function startServe(opts: StartOptions): Promise<ServeProcess> {
-  const child = spawn(process.execPath, [MESHCAP_BIN, 'serve', ...opts.args], {
+  const argv = [process.execPath, MESHCAP_BIN, 'serve', ...opts.args];
+  if (opts.fileSizeLimit !== undefined) argv.unshift('prlimit', `--fsize=${opts.fileSizeLimit}`, '--');
+  const child = spawn(argv[0]!, argv.slice(1), {
     cwd: opts.cwd ?? os.tmpdir(),
     env: childEnv(opts.env),
     stdio: ['ignore', 'pipe', 'pipe'],

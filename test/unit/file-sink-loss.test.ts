@@ -5,7 +5,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { silentLogger } from '../../src/control/logger.js';
 import { PipelineStats } from '../../src/control/stats.js';
 import type { Endpoint } from '../../src/flow/address.js';
@@ -35,7 +35,8 @@ describe('FileSink under backpressure', () => {
     // One block in flight fills the queue bound: the next two are dropped at once.
     for (const b of blocks) sink.write(b, (x) => released.push(x));
     expect(stats.dropsOf('sink_backpressure')).toBe(blocks[1]!.count + blocks[2]!.count);
-    await new Promise((r) => setTimeout(r, 50));
+    // The writer thread hands the first block back once it is on disk; the queue has room again.
+    await vi.waitFor(() => expect(released.length).toBe(3), { timeout: 5000 });
     sink.write(fill(), (x) => released.push(x));
     await sink.close();
     expect(released.length).toBe(4);
