@@ -5,6 +5,7 @@
  * the block's writes `block.buf[0, used)` as it is.
  */
 import type { Block } from '../packet/block.js';
+import { copyBytes } from '../packet/copy-bytes.js';
 import type { RecordFramer } from './record-framer.js';
 
 /**
@@ -22,7 +23,7 @@ export function reframeBlock(block: Block, framer: RecordFramer, out: Buffer, ke
     const size = framer.recordSize(cap, comment ? comment.length : 0, drop > 0);
     if (o + size > out.length) throw new RangeError(`reframe: output buffer of ${out.length} bytes is too small`);
     const frameOff = o + framer.head;
-    block.buf.copy(out, frameOff, block.frameOff[i]!, block.frameOff[i]! + cap);
+    copyBytes(out, frameOff, block.buf.subarray(block.frameOff[i]!, block.frameOff[i]! + cap));
     o = framer.finish(out, frameOff, cap, block.origLen[i]!, block.tsSec[i]!, block.tsNsec[i]!, block.dir[i]!, comment, drop);
   }
   return o;

@@ -12,6 +12,7 @@
  */
 import { Direction, type Block } from './block.js';
 import { TEMPLATE_SLOT } from './wasm-kernel.js';
+import { copyBytes } from './copy-bytes.js';
 import { checksumInto, sumBytesLE, writeChecksumLE } from './checksum.js';
 import { ETH_LEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, TCP_WINDOW_SCALE, W_IPID, W_PSEUDO, W_SEQ, headerLength, tcpOffset, writeTemplate } from './frame-template.js';
 
@@ -129,7 +130,7 @@ export class Slicer {
     }
     const rec = block.used;
     const first = rec + framer.head;
-    block.buf.set(pos === 0 && bytes === payload.length ? payload : payload.subarray(pos, pos + bytes), first + hdr);
+    copyBytes(block.buf, first + hdr, pos === 0 && bytes === payload.length ? payload : payload.subarray(pos, pos + bytes));
     // The flow's template into the kernel's scratch area, unless it is already there (the next
     // event is usually the same flow's).
     if (kernel.tmplOf[d] !== w) {
@@ -208,8 +209,7 @@ export class Slicer {
     if (n === 0) return 0;
     // One copy of the payload into the block, then open the header gaps from the end.
     const stage = this.frameAt[0]! + hdr;
-    if (pos === 0 && bytes === total) block.buf.set(payload, stage);
-    else block.buf.set(payload.subarray(pos, pos + bytes), stage);
+    copyBytes(block.buf, stage, pos === 0 && bytes === total ? payload : payload.subarray(pos, pos + bytes));
     for (let k = n - 1; k > 0; k--) {
       const from = stage + k * w.mss;
       const len = k === n - 1 ? bytes - k * w.mss : w.mss;
@@ -356,7 +356,7 @@ export class Slicer {
       // cuts into them; the record only keeps capLen bytes.
       const wire = w.wire;
       b.set(this.template(w, d), frameOff);
-      if (capPayload > 0) payload.copy(b, frameOff + hdr, pos, pos + capPayload);
+      if (capPayload > 0) copyBytes(b, frameOff + hdr, payload.subarray(pos, pos + capPayload));
       const tcp = frameOff + tcpOffset(w.v6);
       const tcpLen = 20 + len;
       const ip = frameOff + ETH_LEN;

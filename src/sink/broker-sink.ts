@@ -33,6 +33,7 @@ import { TlsFiles } from '../control/tls-files.js';
 import { framerFor, type CaptureFormat } from '../format/index.js';
 import type { RecordFramer } from '../format/record-framer.js';
 import type { Block } from '../packet/block.js';
+import { copyBytes } from '../packet/copy-bytes.js';
 import type { BlockSink } from './sink.js';
 import { Spool, type SpoolBatch, type SpoolFormat, type SpoolMeta } from './spool.js';
 
@@ -1324,7 +1325,7 @@ export class BrokerSink implements BlockSink {
       // Same format, nothing to add: one copy of the block's records.
       const len = block.used - block.start;
       const buf = lane.acquireBuf(len);
-      block.buf.copy(buf, 0, block.start, block.used);
+      copyBytes(buf, 0, block.records());
       lane.accept(buf.subarray(0, len), block.count);
       return;
     }
@@ -1356,7 +1357,7 @@ export class BrokerSink implements BlockSink {
       }
       const cap = block.capLen[i]!;
       const frameOff = o + fr.head;
-      block.buf.copy(buf, frameOff, block.frameOff[i]!, block.frameOff[i]! + cap);
+      copyBytes(buf, frameOff, block.buf.subarray(block.frameOff[i]!, block.frameOff[i]! + cap));
       o = fr.finish(buf, frameOff, cap, block.origLen[i]!, block.tsSec[i]!, block.tsNsec[i]!, block.dir[i]!, comment, d);
       k++;
     }

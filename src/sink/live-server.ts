@@ -51,6 +51,7 @@ import { pcapngFramer } from '../format/pcapng.js';
 import type { RecordFramer } from '../format/record-framer.js';
 import { reframeBlock } from '../format/reframe.js';
 import type { Block } from '../packet/block.js';
+import { copyBytes } from '../packet/copy-bytes.js';
 import {
   FilterError,
   metaFromFlowInfo,
@@ -481,7 +482,7 @@ export class LiveServer implements BlockSink {
     let out: Buffer;
     if (kept === n && joins === 0 && block.framer === v.framer) {
       // The block is already in this format: one copy, shared by every such viewer.
-      out = shared.get(v.framer) ?? Buffer.from(block.records());
+      out = shared.get(v.framer) ?? copyOut(block);
       shared.set(v.framer, out);
     } else if (kept === n && joins === 0 && shared.has(v.framer)) {
       out = shared.get(v.framer)!;
@@ -1013,4 +1014,11 @@ function dn(name: Record<string, string | string[]> | undefined): string | undef
   return Object.entries(name)
     .map(([k, v]) => `${k}=${Array.isArray(v) ? v.join('+') : v}`)
     .join(',');
+}
+
+/** The block's records in a buffer of their own (copied out of the shared block memory at memcpy speed). */
+function copyOut(block: Block): Buffer {
+  const out = Buffer.allocUnsafe(block.used - block.start);
+  copyBytes(out, 0, block.records());
+  return out;
 }
