@@ -12,7 +12,7 @@ import { loadTextFormats, needsTextFormats } from '../ingest/tap-file-source.js'
 import { DEFAULT_MERGE, TapFileError, TapMerge } from '../ingest/tap-merge.js';
 import type { Block } from '../packet/block.js';
 import { DEFAULT_PIPELINE, Pipeline } from '../pipeline.js';
-import { FileSink } from '../sink/file-sink.js';
+import { FileSink, prestartCaptureWriter } from '../sink/file-sink.js';
 import type { BlockSink } from '../sink/sink.js';
 
 const OPTIONS = [
@@ -88,6 +88,8 @@ export async function convert(argv: string[]): Promise<number> {
   const files = flags._;
   const out = flags.write as string | undefined;
   if (!out || files.length === 0) throw new ConfigError(`convert needs input files and -w OUT\n\n${CONVERT_USAGE}`);
+  // The output's writer thread starts while the inputs are opened (the file is created only later).
+  prestartCaptureWriter();
   const format = (flags.format as string | undefined) ?? 'pcapng';
   if (!['pcapng', 'pcap', 'pcap-ns'].includes(format)) throw new ConfigError(`"format": must be pcapng, pcap or pcap-ns, got "${format}"`);
   const inputFormat = flags['input-format'] as string | undefined;

@@ -12,7 +12,7 @@
  * turn; a `done` message follows (errors, and waking an idle ingest thread).
  */
 import fs from 'node:fs';
-import { parentPort, workerData } from 'node:worker_threads';
+import { parentPort } from 'node:worker_threads';
 import { interfaceStatistics } from '../format/pcapng.js';
 import { CaptureFile } from './capture-file.js';
 
@@ -33,8 +33,9 @@ export interface WriterInit {
 export const DONE_OK = 1;
 export const DONE_FAILED = 2;
 
-/** Main → thread, in order. */
+/** Main → thread, in order; `init` first. */
 export type WriterCommand =
+  | { op: 'init'; init: WriterInit }
   | { op: 'memory'; id: number; sab: SharedArrayBuffer }
   | { op: 'open'; part: string; final: string; header: Uint8Array; openedAt: number; dropsAtOpen: number }
   | { op: 'block'; seq: number; mem: number; off: number; len: number; packets: number; firstSec: number; firstNsec: number; lastSec: number; lastNsec: number }
@@ -83,6 +84,8 @@ class CaptureWriter {
 
   handle(c: WriterCommand): void {
     switch (c.op) {
+      case 'init':
+        return;
       case 'memory':
         this.memories[c.id] = c.sab;
         return;
@@ -243,10 +246,16 @@ class CaptureWriter {
 }
 
 if (parentPort) {
+  // Started ahead of its sink (prestartCaptureWriter), the thread learns its settings from `init`.
   const port = parentPort;
-  const writer = new CaptureWriter(workerData as WriterInit, (r) => {
-    port.postMessage(r);
-    if (r.op === 'exited') port.close();
+  let writer: CaptureWriter | null = null;
+  port.on('message', (c: WriterCommand) => {
+    if (c.op === 'init') {
+      writer = new CaptureWriter(c.init, (r) => {
+        port.postMessage(r);
+        if (r.op === 'exited') port.close();
+      });
+    }
+    writer?.handle(c);
   });
-  port.on('message', (c: WriterCommand) => writer.handle(c));
 }

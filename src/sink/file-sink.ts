@@ -110,7 +110,10 @@ export class FileSink implements BlockSink {
       ringFiles: opts.ringFiles,
       results: this.results,
     };
-    this.worker = new Worker(writerThreadUrl(), { workerData: init, stdout: false, stderr: false });
+    this.worker = spare ?? startWriterThread();
+    spare = null;
+    this.worker.ref();
+    this.send({ op: 'init', init });
     this.worker.on('message', (r: WriterReply) => this.onReply(r));
     this.exited = new Promise((resolve) => this.worker.once('exit', () => resolve()));
     this.worker.on('error', (err) => this.onThreadError(err));
@@ -335,6 +338,24 @@ export class FileSink implements BlockSink {
     const stamp = `${d.getFullYear()}${p2(d.getMonth() + 1)}${p2(d.getDate())}${p2(d.getHours())}${p2(d.getMinutes())}${p2(d.getSeconds())}`;
     return `${stem}_${String(this.seqNo).padStart(5, '0')}_${stamp}${ext}`;
   }
+}
+
+/** A writer thread started ahead of its FileSink (prestartCaptureWriter). */
+let spare: Worker | null = null;
+
+function startWriterThread(): Worker {
+  return new Worker(writerThreadUrl(), { stdout: false, stderr: false });
+}
+
+/**
+ * Starts the next FileSink's writer thread now: its start-up (~50 ms here: an isolate and the
+ * modules) then overlaps the caller's own, which matters to one-shot conversions. Unused, it does
+ * not keep the process alive.
+ */
+export function prestartCaptureWriter(): void {
+  if (spare) return;
+  spare = startWriterThread();
+  spare.unref();
 }
 
 /** Length of a loss marker ISB with this comment (its other options are fixed-size). */
