@@ -18,7 +18,7 @@ export function reframeBlock(block: Block, framer: RecordFramer, out: Buffer, ke
   for (let i = 0; i < block.count; i++) {
     if (keep && !keep(i)) continue;
     const cap = block.capLen[i]!;
-    const comment = framer.carriesAnnotations ? block.comment[i]! : null;
+    const comment = framer.carriesAnnotations ? block.commentOf(i) : null;
     const drop = framer.carriesAnnotations ? block.dropCount[i]! : 0;
     const size = framer.recordSize(cap, comment ? comment.length : 0, drop > 0);
     if (o + size > out.length) throw new RangeError(`reframe: output buffer of ${out.length} bytes is too small`);

@@ -327,7 +327,7 @@ export class Slicer {
     block.tsNsec[i] = tsNsec;
     block.dir[i] = dirFlagOf(w, d);
     block.flowId[i] = w.id;
-    if (comment) block.comment[i] = comment;
+    if (comment) block.setComment(i, comment);
     if (drop) block.dropCount[i] = drop;
     block.used = block.framer.finish(block.buf, frameOff, capLen, origLen, tsSec, tsNsec, dirFlagOf(w, d), comment, drop);
   }

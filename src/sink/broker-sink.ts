@@ -1335,7 +1335,7 @@ export class BrokerSink implements BlockSink {
     let count = 0;
     for (let i = 0; i < block.count; i++) {
       if (laneOf && laneOf[i] !== l) continue;
-      let comment = ann ? block.comment[i]! : null;
+      let comment = ann ? block.commentOf(i) : null;
       let d = ann ? block.dropCount[i]! : 0;
       if (count === 0 && note) {
         comment = comment ? Buffer.concat([comment, Buffer.from('; '), note]) : note;
@@ -1349,7 +1349,7 @@ export class BrokerSink implements BlockSink {
     let k = 0;
     for (let i = 0; i < block.count; i++) {
       if (laneOf && laneOf[i] !== l) continue;
-      let comment = ann ? block.comment[i]! : null;
+      let comment = ann ? block.commentOf(i) : null;
       let d = ann ? block.dropCount[i]! : 0;
       if (k === 0 && note) {
         comment = comment ? Buffer.concat([comment, Buffer.from('; '), note]) : note;

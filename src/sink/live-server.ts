@@ -438,7 +438,7 @@ export class LiveServer implements BlockSink {
         } else entry.lastSeen = now;
         lastId = id;
       }
-      if (entry!.firstSeq === seq && entry!.intro === null && block.comment[i] !== null) entry!.intro = parseIntroComment(block.comment[i]!);
+      if (entry!.firstSeq === seq && entry!.intro === null && block.commentOf(i) !== null) entry!.intro = parseIntroComment(block.commentOf(i)!);
       this.entries[i] = entry!;
     }
     if (this.viewers.size === 0) return;
@@ -501,23 +501,23 @@ export class LiveServer implements BlockSink {
       // Swapped in for the duration of this synchronous call only: other sinks never see it.
       for (let i = 0; i < block.count; i++) {
         if (sel[i] !== 2) continue;
-        const prev = block.comment[i]!;
+        const prev = block.commentOf(i);
         saved.push([i, prev]);
-        block.comment[i] = prev ? Buffer.concat([prev, Buffer.from('; '), JOIN_BUF]) : JOIN_BUF;
+        block.setComment(i, prev ? Buffer.concat([prev, Buffer.from('; '), JOIN_BUF]) : JOIN_BUF);
       }
     }
     try {
       let size = 0;
       for (let i = 0; i < block.count; i++) {
         if (sel[i] === 0) continue;
-        const c = annotate ? block.comment[i]! : null;
+        const c = annotate ? block.commentOf(i) : null;
         size += framer.recordSize(block.capLen[i]!, c ? c.length : 0, annotate && block.dropCount[i]! > 0);
       }
       const out = Buffer.allocUnsafe(size);
       const written = reframeBlock(block, framer, out, (i) => sel[i] !== 0);
       return written === size ? out : out.subarray(0, written);
     } finally {
-      for (const [i, c] of saved) block.comment[i] = c;
+      for (const [i, c] of saved) block.setComment(i, c);
     }
   }
 
