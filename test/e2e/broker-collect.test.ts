@@ -80,8 +80,8 @@ function collectArgs(port: number, out: string): string[] {
   return ['--listen', `127.0.0.1:${port}`, '--tls-cert', P.broker.cert, '--tls-key', P.broker.key, '--tls-ca', P.ca.cert, '-w', out, '--allow', ALLOW, '--log-level', 'debug'];
 }
 
-async function spawnCollect(port: number, out: string): Promise<CollectProcess> {
-  const c = await startCollect(collectArgs(port, out));
+async function spawnCollect(port: number, out: string, extra: string[] = []): Promise<CollectProcess> {
+  const c = await startCollect([...collectArgs(port, out), ...extra]);
   cleanup.push(() => {
     if (c.child.exitCode === null && c.child.signalCode === null) c.child.kill('SIGKILL');
   });
@@ -137,6 +137,25 @@ describe('broker sink → meshcap collect (acknowledged: exactly once)', () => {
     expect(fa.length).toBe(8);
     expect(fa.map((s) => [s.aToB.toString('hex'), s.bToA.toString('hex')])).toEqual(fb.map((s) => [s.aToB.toString('hex'), s.bToA.toString('hex')]));
     expect(r.stats.totalDrops()).toBe(0);
+  });
+
+  it('-C 1 -W 2: collect rotates by size and keeps the newest 2 files of a stream', async () => {
+    const port = await freePort();
+    const out = dir('meshcap-collect-ring-');
+    const c = await spawnCollect(port, out, ['-C', '1', '-W', '2']);
+    const r = rig({ dir: dir('meshcap-bc-'), diskFormat: 'pcap', brokers: [`tls://localhost:${port}`], cert: P.sidecarA.cert, key: P.sidecarA.key, ca: P.ca.cert });
+    const t = new Traffic(8, 24, 48 * 1024, 53);
+    await waitFor('connected', () => lane(r).connected);
+    await r.feed(t, 0, t.rounds.length, 20);
+    await waitFor('everything acknowledged', () => lane(r).ackedSeq === lane(r).nextSeq, 15_000);
+    await r.close();
+    c.child.kill('SIGTERM');
+    expect(await c.exited).toEqual({ code: 0, signal: null });
+    const completed = c.logs.filter((l) => l.msg === 'capture file completed').map((l) => path.basename(l.file as string));
+    expect(completed.length).toBeGreaterThan(3);
+    const files = collectedFiles(out).map((f) => path.basename(f));
+    expect(files).toEqual(completed.slice(-2));
+    for (const f of collectedFiles(out)) expect(readRecords(f).trailing).toBe(0);
   });
 
   it('refuses a sidecar outside the allowlist, a foreign-CA and an expired certificate, and keeps serving the allowed one', async () => {
