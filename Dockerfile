@@ -38,5 +38,6 @@ COPY --from=build --chown=65532:65532 /out/run/meshcap /var/run/meshcap
 USER 65532:65532
 EXPOSE 9464
 VOLUME ["/captures", "/var/run/meshcap"]
-ENTRYPOINT ["/nodejs/bin/node", "/app/bin/meshcap.js"]
+# --initial-old-space-size=64: see bin/meshcap.js (V8 takes it at start-up only).
+ENTRYPOINT ["/nodejs/bin/node", "--initial-old-space-size=64", "/app/bin/meshcap.js"]
 CMD ["serve"]

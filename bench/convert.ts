@@ -29,7 +29,7 @@ import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { fmt, parseArgs, table, type BenchReport, type SummaryRow } from './harness.js';
 import { scanPcapng } from './lib/pcapng-scan.js';
-import { MB, MESHCAP_BIN, MiB, tempDir, writeResults } from './lib/procs.js';
+import { DEPLOYED_NODE_FLAGS, MB, MESHCAP_BIN, MiB, tempDir, writeResults } from './lib/procs.js';
 import { packetsFor, traceWrapper } from './lib/tapwire.js';
 import { DEFAULT_WORKLOAD, generateEvents, type GeneratedEvent } from './lib/workload.js';
 
@@ -201,7 +201,7 @@ interface ToolRun {
 
 async function runMeshcap(files: string[], out: string): Promise<{ seconds: number; packets: number; outBytes: number }> {
   fs.rmSync(out, { force: true });
-  const r = await timed(process.execPath, [MESHCAP_BIN, 'convert', ...files, '-w', out]);
+  const r = await timed(process.execPath, [...DEPLOYED_NODE_FLAGS, MESHCAP_BIN, 'convert', ...files, '-w', out]);
   if (r.code !== 0) throw new Error(`meshcap convert failed (${r.code}): ${r.stderr}`);
   const scan = scanPcapng(out);
   const outBytes = fs.statSync(out).size;
@@ -264,7 +264,7 @@ export async function runConvertBench(o: ConvertOptions = {}): Promise<BenchRepo
       `\ntrace: ${trace.fullFiles.length} connections, ${trace.full.events} events, ${fmt(trace.full.payload / MiB, 0)} MiB payload in ${fmt(trace.full.fileBytes / MiB, 0)} MiB of .pb_length_delimited; ` +
         `slice: ${trace.slice.events} events, ${fmt(trace.slice.payload / MiB, 1)} MiB payload (${fmt(trace.slice.hexBytes / MiB, 0)} MiB of hexdump for text2pcap); generated in ${fmt((performance.now() - tg) / 1000, 1)} s (not timed)`,
     );
-    const startup = await timed(process.execPath, [MESHCAP_BIN, 'version']);
+    const startup = await timed(process.execPath, [...DEPLOYED_NODE_FLAGS, MESHCAP_BIN, 'version']);
     // The fixed cost of a conversion (node start-up, modules, block pool, output file, exit): one
     // connection message, nothing to slice. Subtracted from the whole trace's time for the rate
     // beyond it; text2pcap's own start-up is a few ms per run and stays in its time.
@@ -281,7 +281,7 @@ export async function runConvertBench(o: ConvertOptions = {}): Promise<BenchRepo
         runs.push({ tool: 'text2pcap', input: 'slice', seconds: t.seconds, events: trace.slice.events, payload: trace.slice.payload, packets: t.packets, outBytes: t.outBytes });
       }
       if (i < s.meshcapReps) {
-        fixedMs.push((await timed(process.execPath, [MESHCAP_BIN, 'convert', tiny, '-w', out])).ms);
+        fixedMs.push((await timed(process.execPath, [...DEPLOYED_NODE_FLAGS, MESHCAP_BIN, 'convert', tiny, '-w', out])).ms);
         const ms = await runMeshcap(trace.sliceFiles, out);
         if (ms.packets !== trace.slice.packets) throw new Error(`meshcap convert (slice) wrote ${ms.packets} packets, expected ${trace.slice.packets}`);
         runs.push({ tool: 'meshcap convert', input: 'slice', seconds: ms.seconds, events: trace.slice.events, payload: trace.slice.payload, packets: ms.packets, outBytes: ms.outBytes });

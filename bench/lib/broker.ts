@@ -9,7 +9,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { BENCH_TRUST_DOMAIN, makeBenchPki, type BenchPki } from './pki.js';
-import { MESHCAP_BIN, MeshcapChild, freePort, sleep, type Exit, type MeshcapProc } from './procs.js';
+import { DEPLOYED_NODE_FLAGS, MESHCAP_BIN, MeshcapChild, freePort, sleep, type Exit, type MeshcapProc } from './procs.js';
 
 export { type BenchPki } from './pki.js';
 
@@ -46,6 +46,7 @@ export class CollectProc extends MeshcapChild {
   static async start(o: CollectOptions): Promise<CollectProc> {
     const [port, metricsPort] = [await freePort(), await freePort()];
     const args = [
+      ...DEPLOYED_NODE_FLAGS,
       MESHCAP_BIN, 'collect',
       '--listen', `127.0.0.1:${port}`,
       '--tls-cert', o.pki.collector.cert, '--tls-key', o.pki.collector.key, '--tls-ca', o.pki.ca,

@@ -28,6 +28,9 @@ export function packageRoot(): string {
  */
 export const MESHCAP_BIN = process.env.MESHCAP_BENCH_BIN || path.join(packageRoot(), 'bin', 'meshcap.js');
 
+/** The V8 flag meshcap is deployed with (bin/meshcap.js's shebang, the Dockerfile, `npm start`). */
+export const DEPLOYED_NODE_FLAGS = ['--initial-old-space-size=64'];
+
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 export function tempDir(tag: string): string {
@@ -266,7 +269,7 @@ export class MeshcapProc extends MeshcapChild {
   static async start(o: MeshcapOptions): Promise<MeshcapProc> {
     const port = await freePort();
     const file = o.file ?? 'capture.pcapng';
-    const node = [...(o.cpuProfDir ? ['--cpu-prof', `--cpu-prof-dir=${o.cpuProfDir}`] : [])];
+    const node = [...DEPLOYED_NODE_FLAGS, ...(o.cpuProfDir ? ['--cpu-prof', `--cpu-prof-dir=${o.cpuProfDir}`] : [])];
     const args = [...node, MESHCAP_BIN, 'serve', '--grpc-listen', `unix:${path.join(o.dir, 'meshcap.sock')}`, '-w', path.join(o.dir, file), '--metrics-listen', `127.0.0.1:${port}`, '--log-level', 'warn', ...(o.args ?? [])];
     const child = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'pipe'], cwd: o.dir });
     const p = new MeshcapProc(child, port, o.dir, file);

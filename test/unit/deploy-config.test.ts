@@ -513,6 +513,16 @@ describe('Kubernetes manifests', () => {
     }
   });
 
+  it('every way of starting meshcap passes V8 the same start-up flag (shebang, Dockerfile, npm start, benchmarks)', () => {
+    // V8 reads --initial-old-space-size at start-up only, so it lives where node is launched.
+    const flag = '--initial-old-space-size=64';
+    const read = (f: string) => fs.readFileSync(path.join(repoRoot, f), 'utf8');
+    expect(read('bin/meshcap.js').split('\n')[0]).toBe(`#!/usr/bin/env -S node ${flag}`);
+    expect(read('Dockerfile')).toMatch(new RegExp(`^ENTRYPOINT \\["/nodejs/bin/node", "${flag}", "/app/bin/meshcap.js"\\]$`, 'm'));
+    expect((JSON.parse(read('package.json')) as { scripts: Record<string, string> }).scripts.start).toBe(`node ${flag} bin/meshcap.js serve`);
+    expect(read('bench/lib/procs.ts')).toContain(`DEPLOYED_NODE_FLAGS = ['${flag}']`);
+  });
+
   it('the Dockerfile is multi-stage (node:20-bookworm-slim + npm ci) and ships only dist, proto, bin and production node_modules as user 65532', () => {
     const df = fs.readFileSync(path.join(repoRoot, 'Dockerfile'), 'utf8');
     const froms = [...df.matchAll(/^FROM\s+(\S+)(?:\s+AS\s+(\S+))?/gim)].map((m) => m[1]);
