@@ -43,8 +43,6 @@ export interface FileSinkOptions {
   maxFiles?: number;
   /** Blocks allowed to wait for the disk before new ones are dropped. */
   maxQueuedBlocks: number;
-  /** Direct I/O where the filesystem allows it (default true; MESHCAP_NO_DIRECT_IO=1 turns it off). */
-  directIo?: boolean;
   onAutostop?: (reason: string) => void;
 }
 
@@ -72,7 +70,7 @@ export class FileSink implements BlockSink {
   private timer: NodeJS.Timeout | null = null;
   private closing: Promise<void> | null = null;
   private drained: (() => void) | null = null;
-  private exited: Promise<void>;
+  private readonly exited: Promise<void>;
   private readonly rotating: boolean;
   private readonly toStdout: boolean;
   private readonly headerBytes: number;
@@ -106,7 +104,8 @@ export class FileSink implements BlockSink {
     this.results = new Int32Array(new SharedArrayBuffer(4 * (opts.maxQueuedBlocks + 2)));
     const init: WriterInit = {
       annotations: opts.framer.carriesAnnotations,
-      direct: !this.toStdout && (opts.directIo ?? true) && !process.env.MESHCAP_NO_DIRECT_IO,
+      // Direct I/O where the filesystem allows it; MESHCAP_NO_DIRECT_IO=1 turns it off (diagnostics).
+      direct: !this.toStdout && !process.env.MESHCAP_NO_DIRECT_IO,
       ringFiles: opts.ringFiles,
       results: this.results,
     };
@@ -146,16 +145,17 @@ export class FileSink implements BlockSink {
 
   write(block: Block, release: (b: Block) => void): void {
     this.reap();
-    if (this.stopped || this.failed || this.inflight.size >= this.opts.maxQueuedBlocks) {
-      this.stats.drop(this.stopped || this.failed ? 'sink_error' : 'sink_backpressure', block.count);
-      if (!this.stopped && !this.failed) this.lostHere += block.count;
+    const down = this.stopped || this.failed || this.closing !== null;
+    if (down || this.inflight.size >= this.opts.maxQueuedBlocks) {
+      this.stats.drop(down ? 'sink_error' : 'sink_backpressure', block.count);
+      if (!down) this.lostHere += block.count;
       release(block);
       return;
     }
     const len = block.used - block.start;
     // After a rotation the next file opens with its first block (as tcpdump -G does), so an idle
     // period leaves no empty files behind.
-    if (this.openPending) this.openNext();
+    if (this.openPending || !this.file) this.openNext();
     let f = this.file!;
     if (this.rotating && f.packets > 0 && (this.rotateDue || (this.opts.maxFileBytes > 0 && f.size + len > this.opts.maxFileBytes))) {
       this.rotateNow();
