@@ -96,27 +96,13 @@ export function createMetrics(stats: PipelineStats, sinks: () => SinkCounters[])
       for (const s of sinks()) this.inc({ sink: s.name }, s.bytesWritten);
     },
   });
-  new client.Counter({
-    name: 'meshcap_capture_files_completed_total',
-    help: 'Capture files completed (renamed from .part).',
-    registers: [registry],
-    collect() {
-      this.reset();
-      let n = 0;
-      for (const s of sinks()) n += s.filesCompleted ?? 0;
-      this.inc(n);
-    },
-  });
-  new client.Counter({
-    name: 'meshcap_capture_direct_io_bytes_total',
-    help: 'Of the file sink\'s written bytes, those written by direct I/O (O_DIRECT, bypassing the page cache); 0 on filesystems without it.',
-    registers: [registry],
-    collect() {
-      this.reset();
-      let n = 0;
-      for (const s of sinks()) n += s.directBytesWritten ?? 0;
-      this.inc(n);
-    },
-  });
+  /** Summed over the sinks that keep it. */
+  const sinkTotal = (value: (s: SinkCounters) => number | undefined) => (): number => sinks().reduce((n, s) => n + (value(s) ?? 0), 0);
+  counter('meshcap_capture_files_completed_total', 'Capture files completed (renamed from .part).', sinkTotal((s) => s.filesCompleted));
+  counter(
+    'meshcap_capture_direct_io_bytes_total',
+    "Of the file sink's written bytes, those written by direct I/O (O_DIRECT, bypassing the page cache); 0 on filesystems without it.",
+    sinkTotal((s) => s.directBytesWritten),
+  );
   return registry;
 }

@@ -10,6 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { encodeRequests, streamTaps } from '../helpers/envoy-grpc-client.js';
+import { directIoSupported } from '../helpers/direct-io.js';
 import { readCaptureFile } from '../helpers/pcap-read.js';
 import {
   CLI_BUILT,
@@ -397,20 +398,6 @@ describe.skipIf(!CLI_BUILT)('meshcap serve: capture files', () => {
     expect(readCaptureFile(out).snapLen).toBe(100);
   });
 });
-
-/** Whether `dir`'s filesystem takes O_DIRECT opens (ext4 and xfs do; some tmpfs and overlays do not). */
-function directIoSupported(dir: string): boolean {
-  const probe = path.join(dir, 'direct-probe');
-  fs.writeFileSync(probe, '');
-  try {
-    fs.closeSync(fs.openSync(probe, fs.constants.O_WRONLY | fs.constants.O_DIRECT));
-    return true;
-  } catch {
-    return false;
-  } finally {
-    fs.rmSync(probe);
-  }
-}
 
 function writeTemp(dir: string, name: string, data: Buffer): string {
   const p = path.join(dir, name);

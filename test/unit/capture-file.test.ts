@@ -9,24 +9,11 @@ import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { blockMemory } from '../../src/packet/wasm-kernel.js';
 import { CaptureFile } from '../../src/sink/capture-file.js';
+import { directIoSupported } from '../helpers/direct-io.js';
 
 const PAGE = 4096;
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'meshcap-capfile-'));
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
-
-/** Whether this directory's filesystem takes O_DIRECT opens (ext4/xfs do; some tmpfs do not). */
-function directSupported(): boolean {
-  const probe = path.join(dir, 'probe');
-  fs.writeFileSync(probe, '');
-  try {
-    fs.closeSync(fs.openSync(probe, fs.constants.O_WRONLY | fs.constants.O_DIRECT));
-    return true;
-  } catch {
-    return false;
-  } finally {
-    fs.rmSync(probe);
-  }
-}
 
 /** A page-aligned shared memory (as BlockPool's) filled with a pattern. */
 function memory(bytes: number): Uint8Array {
@@ -78,7 +65,7 @@ describe('CaptureFile', () => {
     expect(fs.readFileSync(p).equals(expected)).toBe(true);
     expect(file.size).toBe(expected.length);
     expect(file.directBytes + file.cachedBytes).toBe(expected.length);
-    if (directSupported()) {
+    if (directIoSupported(dir)) {
       expect(wholePages).toBeGreaterThan(2 << 20);
       expect(file.directBytes).toBe(wholePages);
     } else {
