@@ -76,10 +76,12 @@ export class CaptureFile {
         this.directBytes += whole;
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EINVAL') throw err;
-        // The device wants a larger alignment than a page: no more direct I/O on this file.
+        // Refused before writing anything: the device wants a larger alignment than a page, or the
+        // memory is not page-aligned after all. No more direct I/O on this file.
         fs.closeSync(this.dfd);
         this.dfd = -1;
         this.put(this.fd, data, head, whole);
+        this.cachedBytes += whole;
       }
       this.put(this.fd, data, head + whole, len - head - whole);
       this.cachedBytes += len - whole;

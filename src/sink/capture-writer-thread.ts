@@ -110,13 +110,19 @@ class CaptureWriter {
 
   private openFile(c: Extract<WriterCommand, { op: 'open' }>): void {
     this.failed = null;
+    let file: CaptureFile | null = null;
     try {
-      const file = c.part === '-' ? CaptureFile.stream(1, '-') : CaptureFile.create(c.part, this.init.direct);
+      file = c.part === '-' ? CaptureFile.stream(1, '-') : CaptureFile.create(c.part, this.init.direct);
       file.append(c.header);
       this.open = { file, part: c.part, final: c.final, openedAt: c.openedAt, dropsAtOpen: c.dropsAtOpen, packets: 0, firstSec: 0, firstNsec: 0, lastSec: 0, lastNsec: 0 };
       this.log('info', { file: c.part, direct_io: file.direct }, 'capture file opened');
       this.reply({ op: 'opened', part: c.part, ok: true });
     } catch (err) {
+      try {
+        file?.close();
+      } catch {
+        /* the open error is the one to report */
+      }
       this.open = null;
       this.failed = c.part;
       this.log('error', { err: (err as Error).message, file: c.final }, 'cannot open capture file');
@@ -199,7 +205,7 @@ class CaptureWriter {
       f.file.close();
       if (f.part === '-') return;
       fs.renameSync(f.part, f.final);
-      this.completed.push(f.final);
+      if (this.init.ringFiles > 0) this.completed.push(f.final);
       this.log('info', { file: f.final, packets: f.packets, bytes: f.file.size, direct_bytes: f.file.directBytes }, 'capture file completed');
       this.reply({ op: 'completed', final: f.final, packets: f.packets, bytes: f.file.size });
       this.trimRing(c.last);
@@ -239,7 +245,7 @@ class CaptureWriter {
   }
 
   /** Runs `then` once no deletion is pending (the last file of a run is trimmed before exit). */
-  whenUnlinked(then: () => void): void {
+  private whenUnlinked(then: () => void): void {
     if (this.unlinking === 0) then();
     else this.unlinked = then;
   }
