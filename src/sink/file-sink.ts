@@ -82,6 +82,8 @@ export class FileSink implements BlockSink {
   /** Packets dropped for backpressure since the last loss marker. */
   private lostHere = 0;
   private openPending = false;
+  /** Failed writes, logged at most once a second (a full disk fails every block). */
+  private readonly failures: FailureLog;
   packetsWritten = 0;
   bytesWritten = 0;
   /** Of bytesWritten, what went to disk by direct I/O (the rest through the page cache). */
@@ -96,6 +98,7 @@ export class FileSink implements BlockSink {
     private readonly stats: PipelineStats,
     private readonly log: Logger,
   ) {
+    this.failures = new FailureLog(log);
     this.toStdout = opts.path === '-';
     this.rotating = !this.toStdout && (opts.maxFileBytes > 0 || opts.rotateSeconds > 0);
     this.headerBytes = opts.framer.fileHeader({ snaplen: opts.snaplen }).length;
@@ -114,7 +117,13 @@ export class FileSink implements BlockSink {
     this.worker.ref();
     this.send({ op: 'init', init });
     this.worker.on('message', (r: WriterReply) => this.onReply(r));
-    this.exited = new Promise((resolve) => this.worker.once('exit', () => resolve()));
+    this.exited = new Promise((resolve) =>
+      this.worker.once('exit', (code) => {
+        // Before close() asked it to, the thread is gone: the same as a crash.
+        if (!this.closing && !this.failed) this.onThreadError(new Error(`exited with code ${code}`));
+        resolve();
+      }),
+    );
     this.worker.on('error', (err) => this.onThreadError(err));
     this.ready = new Promise((resolve) => (this.firstOpened = resolve));
     this.openNext();
@@ -198,6 +207,7 @@ export class FileSink implements BlockSink {
       }
       if (this.inflight.size > 0 && !this.failed) await new Promise<void>((resolve) => (this.drained = resolve));
       await this.exited;
+      this.failures.flush();
     })();
     return this.closing;
   }
@@ -248,7 +258,7 @@ export class FileSink implements BlockSink {
       case 'done': {
         if (r.ok) this.directBytesWritten += r.direct;
         else {
-          this.log.error({ err: r.err, code: r.code, file: r.part, packets: r.packets }, 'capture write failed; packets dropped');
+          this.failures.add(r);
           // The blocks sent after this one land that much earlier than predicted.
           if (this.file && this.file.part === r.part) this.file.size -= r.undone;
         }
@@ -337,6 +347,46 @@ export class FileSink implements BlockSink {
     const p2 = (n: number): string => String(n).padStart(2, '0');
     const stamp = `${d.getFullYear()}${p2(d.getMonth() + 1)}${p2(d.getDate())}${p2(d.getHours())}${p2(d.getMinutes())}${p2(d.getSeconds())}`;
     return `${stem}_${String(this.seqNo).padStart(5, '0')}_${stamp}${ext}`;
+  }
+}
+
+/**
+ * The first failed write is logged at once; those that follow within a second are summed into one
+ * line at the end of it (blocks, packets, the last error), so a full disk gives a line a second and
+ * the lines still add up to the packets counted as `sink_error`.
+ */
+class FailureLog {
+  private blocks = 0;
+  private packets = 0;
+  private last: Extract<WriterReply, { op: 'done'; ok: false }> | null = null;
+  private timer: NodeJS.Timeout | null = null;
+
+  constructor(private readonly log: Logger) {}
+
+  add(r: Extract<WriterReply, { op: 'done'; ok: false }>): void {
+    if (this.timer === null) {
+      this.write(r, 1, r.packets);
+      this.timer = setTimeout(() => this.flush(), 1000);
+      this.timer.unref();
+      return;
+    }
+    this.blocks++;
+    this.packets += r.packets;
+    this.last = r;
+  }
+
+  /** Logs what was summed so far. */
+  flush(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    if (this.last) this.write(this.last, this.blocks, this.packets);
+    this.last = null;
+    this.blocks = 0;
+    this.packets = 0;
+  }
+
+  private write(r: Extract<WriterReply, { op: 'done'; ok: false }>, blocks: number, packets: number): void {
+    this.log.error({ err: r.err, code: r.code, file: r.part, blocks, packets }, 'capture write failed; packets dropped');
   }
 }
 
