@@ -35,6 +35,27 @@ function u64(b: Buffer, o: number): number {
   return b.readUInt32LE(o) + b.readUInt32LE(o + 4) * 2 ** 32;
 }
 
+/** Calls `each(code, valueOffset, valueLength)` for the options in buf[o, end), up to opt_endofopt. */
+function walkOptions(buf: Buffer, o: number, end: number, each: (code: number, at: number, len: number) => void): void {
+  while (o + 4 <= end) {
+    const code = buf.readUInt16LE(o);
+    const olen = buf.readUInt16LE(o + 2);
+    if (code === 0) break;
+    each(code, o + 4, olen);
+    o += 4 + pad4(olen);
+  }
+}
+
+/** isb_ifrecv (4) and isb_ifdrop (5) of the ISB at buf[pos, pos + len). */
+function isbCounts(buf: Buffer, pos: number, len: number): { recv: number | null; drop: number | null } {
+  const c: { recv: number | null; drop: number | null } = { recv: null, drop: null };
+  walkOptions(buf, pos + 20, pos + len - 4, (code, at) => {
+    if (code === 4) c.recv = u64(buf, at);
+    if (code === 5) c.drop = u64(buf, at);
+  });
+  return c;
+}
+
 export function scanPcapng(file: string, opts: { sampleComments?: number } = {}): PcapngScan {
   const r: PcapngScan = { blocks: 0, packets: 0, frameBytes: 0, comments: 0, dropComments: 0, dropCount: 0, isbRecv: null, isbDrop: null, sampleComments: [], trailing: 0 };
   const fd = fs.openSync(file, 'r');
@@ -55,31 +76,18 @@ export function scanPcapng(file: string, opts: { sampleComments?: number } = {})
           r.packets++;
           const cap = buf.readUInt32LE(pos + 20);
           r.frameBytes += cap;
-          let o = pos + 28 + pad4(cap);
-          const end = pos + len - 4;
-          while (o + 4 <= end) {
-            const code = buf.readUInt16LE(o);
-            const olen = buf.readUInt16LE(o + 2);
-            if (code === 0) break;
+          walkOptions(buf, pos + 28 + pad4(cap), pos + len - 4, (code, at, olen) => {
             if (code === 1) {
               r.comments++;
-              const text = buf.toString('utf8', o + 4, o + 4 + olen);
+              const text = buf.toString('utf8', at, at + olen);
               if (text.includes('meshcap dropped')) r.dropComments++;
               if (r.sampleComments.length < (opts.sampleComments ?? 0) && !r.sampleComments.includes(text)) r.sampleComments.push(text);
-            } else if (code === 4) r.dropCount += u64(buf, o + 4);
-            o += 4 + pad4(olen);
-          }
+            } else if (code === 4) r.dropCount += u64(buf, at);
+          });
         } else if (type === ISB) {
-          let o = pos + 8 + 12;
-          const end = pos + len - 4;
-          while (o + 4 <= end) {
-            const code = buf.readUInt16LE(o);
-            const olen = buf.readUInt16LE(o + 2);
-            if (code === 0) break;
-            if (code === 4) r.isbRecv = u64(buf, o + 4);
-            if (code === 5) r.isbDrop = u64(buf, o + 4);
-            o += 4 + pad4(olen);
-          }
+          const c = isbCounts(buf, pos, len);
+          if (c.recv !== null) r.isbRecv = c.recv;
+          if (c.drop !== null) r.isbDrop = c.drop;
         } else if (type === SHB && buf.readUInt32LE(pos + 8) !== 0x1a2b3c4d) {
           throw new Error(`${file}: big-endian pcapng is not supported here`);
         }
@@ -103,18 +111,8 @@ export function readIsb(file: string): { recv: number; drop: number } | null {
     if (len > n || len < 12) return null;
     const s = n - len;
     if (b.readUInt32LE(s) !== ISB) return null;
-    let recv = 0;
-    let drop = 0;
-    let o = s + 20;
-    while (o + 4 <= n - 4) {
-      const code = b.readUInt16LE(o);
-      const olen = b.readUInt16LE(o + 2);
-      if (code === 0) break;
-      if (code === 4) recv = u64(b, o + 4);
-      if (code === 5) drop = u64(b, o + 4);
-      o += 4 + pad4(olen);
-    }
-    return { recv, drop };
+    const c = isbCounts(b, s, len);
+    return { recv: c.recv ?? 0, drop: c.drop ?? 0 };
   } finally {
     fs.closeSync(fd);
   }
