@@ -47,7 +47,7 @@ import { pathToFileURL } from 'node:url';
 import { fmt, parseArgs, table, type BenchReport, type SummaryRow } from './harness.js';
 import { Load, type LoadDone } from './lib/load.js';
 import { scanPcapng } from './lib/pcapng-scan.js';
-import { MB, MeshcapProc, NullSinkProc, cpuSplit, memStatus, sleep, tempDir, writeResults } from './lib/procs.js';
+import { MB, MeshcapProc, NullSinkProc, cpuSplit, memStatus, sleep, tempDir, writeResults, type Metrics } from './lib/procs.js';
 import { selfCheck } from './lib/tapwire.js';
 import { brokerPki, brokerServeArgs, collectedFiles, CollectProc, waitBrokerConnected, type BenchPki } from './lib/broker.js';
 import { scanPcaps } from './lib/pcap-scan.js';
@@ -261,14 +261,38 @@ async function saturated(kind: Kind, rep: number, s: Settings, profileDir?: stri
   }
 }
 
-interface Completeness {
+/** What both completeness checks report of the load and of serve's counters. */
+interface LoadCounts {
   rateMBps: number;
   seconds: number;
   sent: LoadDone['sent'];
   ingested: number;
   packets: number;
-  written: number;
   drops: number;
+}
+
+function loadCounts(s: Settings, done: LoadDone, m: Metrics): LoadCounts {
+  return {
+    rateMBps: s.moderateRate / MB,
+    seconds: done.wallMs / 1000,
+    sent: done.sent,
+    ingested: m.sum('meshcap_ingest_messages_total', 'source="grpc"'),
+    packets: m.sum('meshcap_packets_total'),
+    drops: m.sum('meshcap_dropped_packets_total'),
+  };
+}
+
+/** What both checks require of the load: clean streams, every message ingested, every packet made. */
+function loadProblems(done: LoadDone, r: LoadCounts): string[] {
+  const p: string[] = [];
+  if (!done.statuses.every((st) => st === 0)) p.push(`stream statuses ${JSON.stringify(done.statuses)} ${done.messages.join('; ')}`);
+  if (r.ingested !== done.sent.messages) p.push(`messages: sent ${done.sent.messages}, ingested ${r.ingested}`);
+  if (r.packets !== done.sent.packets) p.push(`packets: expected ${done.sent.packets}, made ${r.packets}`);
+  return p;
+}
+
+interface Completeness extends LoadCounts {
+  written: number;
   filePackets: number;
   isbRecv: number | null;
   isbDrop: number | null;
@@ -287,13 +311,8 @@ async function complete(s: Settings): Promise<Completeness> {
     const e = await server.stop();
     const scan = scanPcapng(server.capture);
     const r: Completeness = {
-      rateMBps: s.moderateRate / MB,
-      seconds: done.wallMs / 1000,
-      sent: done.sent,
-      ingested: m.sum('meshcap_ingest_messages_total', 'source="grpc"'),
-      packets: m.sum('meshcap_packets_total'),
+      ...loadCounts(s, done, m),
       written: m.sum('meshcap_sink_packets_written_total'),
-      drops: m.sum('meshcap_dropped_packets_total'),
       filePackets: scan.packets,
       isbRecv: scan.isbRecv,
       isbDrop: scan.isbDrop,
@@ -301,9 +320,7 @@ async function complete(s: Settings): Promise<Completeness> {
       problems: [],
     };
     const p = r.problems;
-    if (!done.statuses.every((st) => st === 0)) p.push(`stream statuses ${JSON.stringify(done.statuses)} ${done.messages.join('; ')}`);
-    if (r.ingested !== done.sent.messages) p.push(`messages: sent ${done.sent.messages}, ingested ${r.ingested}`);
-    if (r.packets !== done.sent.packets) p.push(`packets: expected ${done.sent.packets}, made ${r.packets}`);
+    p.push(...loadProblems(done, r));
     if (r.written !== r.packets) p.push(`packets made ${r.packets}, written ${r.written}`);
     if (r.drops !== 0) p.push(`drops ${r.drops}: ${JSON.stringify(m.series('meshcap_dropped_packets_total'))}`);
     if (r.filePackets !== r.packets) p.push(`file holds ${r.filePackets} packets, meshcap made ${r.packets}`);
@@ -318,17 +335,11 @@ async function complete(s: Settings): Promise<Completeness> {
   }
 }
 
-interface BrokerCompleteness {
-  rateMBps: number;
-  seconds: number;
-  sent: LoadDone['sent'];
-  ingested: number;
-  packets: number;
+interface BrokerCompleteness extends LoadCounts {
   /** Packets the broker sink accepted / collect acknowledged (serve's view). */
   accepted: number;
   delivered: number;
   resent: number;
-  drops: number;
   /** collect's own counts. */
   collectPackets: number;
   duplicates: number;
@@ -378,15 +389,10 @@ async function completeBroker(s: Settings, pki: BenchPki): Promise<BrokerComplet
     const files = collectedFiles(out);
     const scan = scanPcaps(files);
     const r: BrokerCompleteness = {
-      rateMBps: s.moderateRate / MB,
-      seconds: done.wallMs / 1000,
-      sent: done.sent,
-      ingested: m.sum('meshcap_ingest_messages_total', 'source="grpc"'),
-      packets: m.sum('meshcap_packets_total'),
+      ...loadCounts(s, done, m),
       accepted: m.sum('meshcap_broker_accepted_packets_total'),
       delivered: m.sum('meshcap_broker_delivered_packets_total'),
       resent: m.sum('meshcap_broker_resent_packets_total'),
-      drops: m.sum('meshcap_dropped_packets_total'),
       collectPackets: c.sum('meshcap_collect_packets_total'),
       duplicates: c.sum('meshcap_collect_duplicate_packets_total'),
       gaps: c.sum('meshcap_collect_gap_packets_total'),
@@ -400,9 +406,7 @@ async function completeBroker(s: Settings, pki: BenchPki): Promise<BrokerComplet
       problems: [],
     };
     const p = r.problems;
-    if (!done.statuses.every((st) => st === 0)) p.push(`stream statuses ${JSON.stringify(done.statuses)} ${done.messages.join('; ')}`);
-    if (r.ingested !== done.sent.messages) p.push(`messages: sent ${done.sent.messages}, ingested ${r.ingested}`);
-    if (r.packets !== done.sent.packets) p.push(`packets: expected ${done.sent.packets}, made ${r.packets}`);
+    p.push(...loadProblems(done, r));
     if (Number.isNaN(drainMs)) p.push(`not delivered within 15 s: ${m.sum('meshcap_broker_undelivered_packets')} undelivered`);
     if (r.accepted !== r.packets || r.delivered !== r.packets) p.push(`packets made ${r.packets}, accepted by the broker sink ${r.accepted}, delivered ${r.delivered}`);
     if (r.drops !== 0) p.push(`drops ${r.drops}: ${JSON.stringify(m.series('meshcap_dropped_packets_total'))}`);
