@@ -2,7 +2,7 @@
  * Re-frames the frames of a Block in another record format (or a subset of them), for sinks whose
  * format differs from the one the block was laid out for (a pcap broker stream beside pcapng files,
  * a live viewer's filter). This is the one extra copy such sinks pay; a sink whose format matches
- * the block's writes `block.buf[0, used)` as it is.
+ * the block's writes its records (`block.records()`) as they are.
  */
 import type { Block } from '../packet/block.js';
 import { copyBytes } from '../packet/copy-bytes.js';

@@ -103,6 +103,11 @@ export class Block {
     this.used = lead;
   }
 
+  /** Bytes of records in the block. */
+  get recordBytes(): number {
+    return this.used - this.start;
+  }
+
   /** The records, as a view (allocates: once per block, for sinks). */
   records(): Buffer {
     return this.buf.subarray(this.start, this.used);

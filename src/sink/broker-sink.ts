@@ -1323,7 +1323,7 @@ export class BrokerSink implements BlockSink {
     const drop = lane.pendingDrop;
     if (laneOf === null && drop === 0 && block.framer.name === fr.name) {
       // Same format, nothing to add: one copy of the block's records.
-      const len = block.used - block.start;
+      const len = block.recordBytes;
       const buf = lane.acquireBuf(len);
       copyBytes(buf, 0, block.records());
       lane.accept(buf.subarray(0, len), block.count);

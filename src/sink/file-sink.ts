@@ -161,7 +161,7 @@ export class FileSink implements BlockSink {
       release(block);
       return;
     }
-    const len = block.used - block.start;
+    const len = block.recordBytes;
     // After a rotation the next file opens with its first block (as tcpdump -G does), so an idle
     // period leaves no empty files behind.
     if (this.openPending || !this.file) this.openNext();
@@ -244,7 +244,7 @@ export class FileSink implements BlockSink {
       const { block, release } = entry;
       if (r[1 + (seq % (r.length - 1))] === DONE_OK) {
         this.packetsWritten += block.count;
-        this.bytesWritten += block.used - block.start;
+        this.bytesWritten += block.recordBytes;
       } else {
         // Logged when its message arrives, with the error.
         this.stats.drop('sink_error', block.count);

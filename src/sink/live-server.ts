@@ -1018,7 +1018,7 @@ function dn(name: Record<string, string | string[]> | undefined): string | undef
 
 /** The block's records in a buffer of their own (copied out of the shared block memory at memcpy speed). */
 function copyOut(block: Block): Buffer {
-  const out = Buffer.allocUnsafe(block.used - block.start);
+  const out = Buffer.allocUnsafe(block.recordBytes);
   copyBytes(out, 0, block.records());
   return out;
 }
