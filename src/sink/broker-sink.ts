@@ -31,6 +31,7 @@ import { spiffeIdOf, SpiffeMatcher, spiffePatternError } from '../control/spiffe
 import type { PipelineStats } from '../control/stats.js';
 import { TlsFiles } from '../control/tls-files.js';
 import { framerFor, type CaptureFormat } from '../format/index.js';
+import { reframeBlock, reframedSize } from '../format/reframe.js';
 import type { RecordFramer } from '../format/record-framer.js';
 import type { Block } from '../packet/block.js';
 import { copyBytes } from '../packet/copy-bytes.js';
@@ -1329,38 +1330,12 @@ export class BrokerSink implements BlockSink {
       lane.accept(buf.subarray(0, len), block.count);
       return;
     }
-    const ann = fr.carriesAnnotations;
-    const note = drop > 0 && ann ? Buffer.from(`meshcap: ${drop} packet${drop === 1 ? '' : 's'} dropped before this one by the broker sink (queue and spool full)`) : null;
-    let size = 0;
-    let count = 0;
-    for (let i = 0; i < block.count; i++) {
-      if (laneOf && laneOf[i] !== l) continue;
-      let comment = ann ? block.commentOf(i) : null;
-      let d = ann ? block.dropCount[i]! : 0;
-      if (count === 0 && note) {
-        comment = comment ? Buffer.concat([comment, Buffer.from('; '), note]) : note;
-        d += drop;
-      }
-      size += fr.recordSize(block.capLen[i]!, comment ? comment.length : 0, d > 0);
-      count++;
-    }
-    const buf = lane.acquireBuf(size);
-    let o = 0;
-    let k = 0;
-    for (let i = 0; i < block.count; i++) {
-      if (laneOf && laneOf[i] !== l) continue;
-      let comment = ann ? block.commentOf(i) : null;
-      let d = ann ? block.dropCount[i]! : 0;
-      if (k === 0 && note) {
-        comment = comment ? Buffer.concat([comment, Buffer.from('; '), note]) : note;
-        d += drop;
-      }
-      const cap = block.capLen[i]!;
-      const frameOff = o + fr.head;
-      copyBytes(buf, frameOff, block.buf.subarray(block.frameOff[i]!, block.frameOff[i]! + cap));
-      o = fr.finish(buf, frameOff, cap, block.origLen[i]!, block.tsSec[i]!, block.tsNsec[i]!, block.dir[i]!, comment, d);
-      k++;
-    }
+    // The lane's own losses are reported on the first record that gets through (pcapng only).
+    const note = drop > 0 && fr.carriesAnnotations ? { text: Buffer.from(`meshcap: ${drop} packet${drop === 1 ? '' : 's'} dropped before this one by the broker sink (queue and spool full)`), drops: drop } : null;
+    const keep = laneOf ? (i: number): boolean => laneOf[i] === l : undefined;
+    const { bytes, count } = reframedSize(block, fr, keep, note);
+    const buf = lane.acquireBuf(bytes);
+    const o = reframeBlock(block, fr, buf, keep, note);
     lane.accept(buf.subarray(0, o), count);
   }
 
