@@ -29,6 +29,8 @@ export interface Endpoint {
 
 /** Parses a literal IPv4/IPv6 address, or returns null. */
 export function parseIp(text: string): { v6: boolean; ip: Uint8Array } | null {
+  const v4 = dottedQuad(text);
+  if (v4) return { v6: false, ip: v4 };
   const addr = text.includes('%') ? text.slice(0, text.indexOf('%')) : text;
   if (net.isIPv4(addr)) return { v6: false, ip: Uint8Array.from(addr.split('.').map(Number)) };
   if (!net.isIPv6(addr)) return null;
@@ -38,6 +40,37 @@ export function parseIp(text: string): { v6: boolean; ip: Uint8Array } | null {
     return { v6: false, ip: ip.slice(12) };
   }
   return { v6: true, ip };
+}
+
+/**
+ * The common case, a canonical dotted quad ("10.1.2.3"), parsed by hand: once per connection, and
+ * net.isIPv4 + split was a visible share of opening one. Anything else (leading zeros, zone ids,
+ * IPv6) returns null and takes the general path.
+ */
+function dottedQuad(text: string): Uint8Array | null {
+  const n = text.length;
+  if (n < 7 || n > 15) return null;
+  const ip = new Uint8Array(4);
+  let part = 0;
+  let i = 0;
+  while (i < n) {
+    const start = i;
+    let v = 0;
+    while (i < n) {
+      const c = text.charCodeAt(i) - 48;
+      if (c < 0 || c > 9) break;
+      v = v * 10 + c;
+      i++;
+    }
+    const digits = i - start;
+    if (digits === 0 || digits > 3 || v > 255 || (digits > 1 && text.charCodeAt(start) === 48)) return null;
+    ip[part++] = v;
+    if (i === n) break;
+    if (part === 4 || text.charCodeAt(i) !== 46) return null;
+    i++;
+    if (i === n) return null;
+  }
+  return part === 4 ? ip : null;
 }
 
 function parseIpv6(addr: string): Uint8Array {
@@ -152,7 +185,7 @@ function clientPort(traceId: number | string): number {
 }
 
 export function formatEndpoint(e: Endpoint): string {
-  if (!e.v6) return `${Array.from(e.ip).join('.')}:${e.port}`;
+  if (!e.v6) return `${e.ip[0]}.${e.ip[1]}.${e.ip[2]}.${e.ip[3]}:${e.port}`;
   const groups: string[] = [];
   for (let i = 0; i < 16; i += 2) groups.push(((e.ip[i]! << 8) | e.ip[i + 1]!).toString(16));
   return `[${groups.join(':')}]:${e.port}`;
