@@ -28,6 +28,8 @@ export interface PipelineOptions {
   flushIntervalMs: number;
   idleTimeoutMs: number;
   maxFlows: number;
+  /** Map the blocks' pages at start (false: as they are first filled; one-shot conversions). */
+  prefault?: boolean;
 }
 
 export const DEFAULT_PIPELINE: Omit<PipelineOptions, 'framer'> = {
@@ -61,7 +63,7 @@ export class Pipeline implements TapEventHandler, BlockOutput {
     private readonly log: Logger,
   ) {
     // Snaplen bounds the biggest record; jumbo MSS needs blocks that hold a whole frame.
-    this.pool = new BlockPool(opts.blockCount, Math.max(opts.blockSize, 2 * (opts.mss4 + 1024)), opts.framer);
+    this.pool = new BlockPool(opts.blockCount, Math.max(opts.blockSize, 2 * (opts.mss4 + 1024)), opts.framer, true, opts.prefault ?? true);
     this.limiter = new LogLimiter(log);
     const slicer = new Slicer(this, { snaplen: opts.snaplen });
     this.flows = new FlowTable(slicer, opts, stats, log);

@@ -12,8 +12,9 @@ import { loadTextFormats, needsTextFormats } from '../ingest/tap-file-source.js'
 import { DEFAULT_MERGE, TapFileError, TapMerge } from '../ingest/tap-merge.js';
 import type { Block } from '../packet/block.js';
 import { DEFAULT_PIPELINE, Pipeline } from '../pipeline.js';
-import { FileSink, prestartCaptureWriter } from '../sink/file-sink.js';
+import { FileSink } from '../sink/file-sink.js';
 import type { BlockSink } from '../sink/sink.js';
+import { prestartCaptureWriter } from '../sink/writer-thread-start.js';
 
 const OPTIONS = [
   { name: 'write', short: 'w', kind: 'string' as const, help: 'output capture file' },
@@ -99,7 +100,7 @@ export async function convert(argv: string[]): Promise<number> {
   const log = createLogger((flags['log-level'] as string | undefined) ?? 'warn');
   const stats = new PipelineStats();
   const framer = framerFor(format as CaptureFormat);
-  const popts = { ...DEFAULT_PIPELINE, framer, snaplen, mss4: mss, mss6: Math.max(68, mss - 20), blockCount: BLOCK_COUNT };
+  const popts = { ...DEFAULT_PIPELINE, framer, snaplen, mss4: mss, mss6: Math.max(68, mss - 20), blockCount: BLOCK_COUNT, prefault: false };
   const pipeline = new Pipeline(popts, stats, log);
   // The files are merged in time order as they are read (each file is in time order within
   // itself), so memory stays bounded whatever the input size. Each file's first batch is read

@@ -26,6 +26,9 @@ export async function run(argv: string[]): Promise<number> {
       case 'serve':
         return await (await import('./serve.js')).serve(rest);
       case 'convert':
+        // The output's writer thread starts before the converter's modules load: for a small
+        // input, its start-up is most of a conversion's time.
+        (await import('../sink/writer-thread-start.js')).prestartCaptureWriter();
         return await (await import('./convert.js')).convert(rest);
       case 'extcap':
         return await (await import('./extcap.js')).extcap(rest);

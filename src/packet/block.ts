@@ -65,11 +65,13 @@ export class Block {
     readonly framer: RecordFramer,
     readonly maxFrames: number,
     arena: { memory: WebAssembly.Memory; offset: number; kernel: Kernel | null },
+    prefault = true,
   ) {
     this.buf = Buffer.from(arena.memory.buffer, arena.offset, size);
     this.base = arena.offset;
     this.kernel = arena.kernel;
-    this.buf.fill(0); // touch every page now, not on the hot path
+    // A new memory reads as zeros; writing them maps every page now rather than on the hot path.
+    if (prefault) this.buf.fill(0);
     // Word view over the whole underlying memory: index (byteOffset + offset) >>> 2.
     this.u32 = new Uint32Array(this.buf.buffer, this.base, size >>> 2);
     this.frameOff = new Uint32Array(maxFrames);
@@ -152,8 +154,12 @@ export class BlockPool {
   private readonly idle: Block[] = [];
   readonly all: Block[] = [];
 
-  /** `useKernel` false: the JavaScript path only (tests compare the two byte for byte). */
-  constructor(count: number, size: number, framer: RecordFramer, useKernel = true) {
+  /**
+   * `useKernel` false: the JavaScript path only (tests compare the two byte for byte).
+   * `prefault` false: pages are mapped as the slicer first fills them (one-shot conversions, whose
+   * input may need a fraction of the pool; a server maps them all at start).
+   */
+  constructor(count: number, size: number, framer: RecordFramer, useKernel = true, prefault = true) {
     // The smallest record is a TCP ACK frame (54 bytes) plus framing.
     const maxFrames = Math.ceil(size / (54 + framer.minOverhead));
     // Blocks page-aligned inside one shared WebAssembly memory: the packet kernel works in place,
@@ -162,7 +168,7 @@ export class BlockPool {
     const memory = blockMemory(stride * count);
     const kernel = useKernel ? bindKernel(memory, stride * count) : null;
     for (let i = 0; i < count; i++) {
-      const b = new Block(size, framer, maxFrames, { memory, offset: i * stride, kernel });
+      const b = new Block(size, framer, maxFrames, { memory, offset: i * stride, kernel }, prefault);
       this.all.push(b);
       this.idle.push(b);
     }

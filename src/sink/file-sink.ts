@@ -18,8 +18,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
 import type { Logger } from 'pino';
 import type { PipelineStats } from '../control/stats.js';
 import { interfaceStatistics } from '../format/pcapng.js';
@@ -27,6 +26,7 @@ import type { RecordFramer } from '../format/record-framer.js';
 import { PAGE, type Block } from '../packet/block.js';
 import { DONE_OK, type WriterCommand, type WriterInit, type WriterReply } from './capture-writer-thread.js';
 import type { BlockSink } from './sink.js';
+import { startWriterThread } from './writer-thread-start.js';
 
 export interface FileSinkOptions {
   /** -w: file path, or '-' for standard output. */
@@ -112,8 +112,7 @@ export class FileSink implements BlockSink {
       ringFiles: opts.ringFiles,
       results: this.results,
     };
-    this.worker = spare ?? startWriterThread();
-    spare = null;
+    this.worker = startWriterThread();
     this.worker.ref();
     this.send({ op: 'init', init });
     this.worker.on('message', (r: WriterReply) => this.onReply(r));
@@ -390,36 +389,7 @@ class FailureLog {
   }
 }
 
-/** A writer thread started ahead of its FileSink (prestartCaptureWriter). */
-let spare: Worker | null = null;
-
-function startWriterThread(): Worker {
-  return new Worker(writerThreadUrl(), { stdout: false, stderr: false });
-}
-
-/**
- * Starts the next FileSink's writer thread now: its start-up (~50 ms here: an isolate and the
- * modules) then overlaps the caller's own, which matters to one-shot conversions. Unused, it does
- * not keep the process alive.
- */
-export function prestartCaptureWriter(): void {
-  if (spare) return;
-  spare = startWriterThread();
-  spare.unref();
-}
-
 /** Length of a loss marker ISB with this comment (its other options are fixed-size). */
 function isbLength(comment: string): number {
   return interfaceStatistics({ startSec: 0, startNsec: 0, endSec: 0, endNsec: 0, received: 0, dropped: 0, comment }).length;
-}
-
-/**
- * The thread's compiled module: next to this one in dist/, or, when this module runs from its
- * TypeScript source (vitest), the build's copy (the test setup builds first).
- */
-function writerThreadUrl(): URL {
-  const here = fileURLToPath(import.meta.url);
-  if (here.endsWith('.js')) return new URL('./capture-writer-thread.js', import.meta.url);
-  const root = path.resolve(path.dirname(here), '..', '..');
-  return new URL(`file://${path.join(root, 'dist', 'src', 'sink', 'capture-writer-thread.js')}`);
 }
