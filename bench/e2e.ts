@@ -37,9 +37,10 @@
  *               every packet serve made and every payload byte sent, with 0 drops, 0 gaps, 0
  *               duplicates.
  *
- *   npx tsc -p tsconfig.json && node dist/bench/e2e.js [--quick] [--no-json] [--profile DIR]
+ *   npx tsc -p tsconfig.json && node dist/bench/e2e.js [--quick] [--no-json] [--profile DIR] [--hand-off]
  * --profile DIR adds one saturated meshcap run under `node --cpu-prof` and prints where its main
- * thread's time goes (bench/tools/cpuprofile-categories.ts).
+ * thread's time goes (bench/tools/cpuprofile-categories.ts). --hand-off adds the null sink handing
+ * every message to a second thread (null-sink.ts): the ceiling of a two-thread meshcap.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -59,6 +60,11 @@ export interface E2eOptions {
   log?: (line: string) => void;
   profileDir?: string | null;
   sidecars?: number;
+  /**
+   * Also run the null sink handing every message to a second thread (null-sink.ts --hand-off): the
+   * ceiling of a meshcap whose capture pipeline ran beside the gRPC thread. Not in `npm run bench`.
+   */
+  handOff?: boolean;
 }
 
 interface Settings {
@@ -70,7 +76,7 @@ interface Settings {
   moderateMs: number;
 }
 
-type Kind = 'null' | 'null-disk' | 'meshcap' | 'broker';
+type Kind = 'null' | 'null-disk' | 'null-hand-off' | 'meshcap' | 'broker';
 
 interface SatRun {
   kind: Kind;
@@ -106,7 +112,7 @@ interface SatRun {
 }
 
 const RING = ['-C', '256', '-W', '2'];
-const LABEL: Record<Kind, string> = { null: 'null gRPC sink', 'null-disk': 'null sink + disk writer', meshcap: 'meshcap serve', broker: 'meshcap serve → broker → collect' };
+const LABEL: Record<Kind, string> = { null: 'null gRPC sink', 'null-disk': 'null sink + disk writer', 'null-hand-off': 'null sink + hand-off thread', meshcap: 'meshcap serve', broker: 'meshcap serve → broker → collect' };
 
 function settings(quick: boolean, sidecars?: number): Settings {
   return quick
@@ -132,7 +138,7 @@ async function saturated(kind: Kind, rep: number, s: Settings, profileDir?: stri
       server =
         kind === 'meshcap'
           ? await MeshcapProc.start({ dir: runDir, args: RING, ...(profileDir ? { cpuProfDir: profileDir } : {}) })
-          : await NullSinkProc.start(runDir, undefined, kind === 'null-disk' ? runDir : undefined);
+          : await NullSinkProc.start(runDir, undefined, kind === 'null-disk' ? runDir : undefined, kind === 'null-hand-off');
     }
     const srv = server;
     const load = await Load.start({ target: srv.target, sidecars: s.sidecars, durationMs: s.warmMs + s.measureMs + 5000 });
@@ -140,7 +146,8 @@ async function saturated(kind: Kind, rep: number, s: Settings, profileDir?: stri
       if (srv instanceof NullSinkProc) {
         const st = await srv.stats();
         // For the disk-writing null sink, "packets" are message bytes and "written" bytes on disk.
-        return { msg: st.bytes, packets: st.bytes, written: st.writtenBytes, notMade: 0, drops: {} as Record<string, number>, droppedBytes: st.droppedBytes, collectBytes: 0, brokerSentBytes: 0, brokerDrops: 0 };
+        // With --hand-off, "written" is what the second thread has copied.
+        return { msg: st.bytes, packets: st.bytes, written: kind === 'null-hand-off' ? st.handedOffBytes : st.writtenBytes, notMade: 0, drops: {} as Record<string, number>, droppedBytes: st.droppedBytes, collectBytes: 0, brokerSentBytes: 0, brokerDrops: 0 };
       }
       const [m, c] = await Promise.all([srv.scrape(), collect ? collect.scrape() : Promise.resolve(null)]);
       const drops: Record<string, number> = {};
@@ -480,7 +487,7 @@ export async function runE2eBench(o: E2eOptions = {}): Promise<BenchReport> {
     );
 
     log(`\n## Saturated: ${s.sidecars} sidecars, as fast as HTTP/2 flow control admits; ${fmt(s.warmMs / 1000, 1)} s warm-up, ${fmt(s.measureMs / 1000, 1)} s measured; ${s.reps} repetition(s), order alternating`);
-    log('(captured: into serve\'s capture file; for the broker run, into collect\'s files. CPU collect: all threads of meshcap collect)');
+    log('(captured: into serve\'s capture file; for the broker run, into collect\'s files; for the hand-off run, copied by the second thread. CPU collect: all threads of meshcap collect)');
     const rows = [['run', 'ingest MB/s', 'captured MB/s', 'msg MB/s', 'CPU main', 'CPU other thr', 'CPU loadgen', 'CPU collect', 'dropped', 'peak RSS MiB', 'streams', 'exit']];
     const row = (r: SatRun) => [
       `${LABEL[r.kind]} #${r.rep + 1}`,
@@ -491,13 +498,14 @@ export async function runE2eBench(o: E2eOptions = {}): Promise<BenchReport> {
       fmt(r.cpu.serverOthers, 2),
       fmt(r.cpu.loadgen, 2),
       r.cpu.collect === undefined ? '-' : fmt(r.cpu.collect, 2),
-      r.kind === 'null' ? '-' : `${fmt(100 * r.dropShare, 1)}% ${Object.keys(r.drops).join(',')}`.trim(),
+      r.kind === 'null' || r.kind === 'null-hand-off' ? '-' : `${fmt(100 * r.dropShare, 1)}% ${Object.keys(r.drops).join(',')}`.trim(),
       fmt(r.peakRssMiB, 0),
       r.streamsOk ? 'ok' : 'FAILED',
       r.exit,
     ];
     for (let rep = 0; rep < s.reps; rep++) {
-      const order: Kind[] = rep % 2 === 0 ? ['null', 'null-disk', 'meshcap', 'broker'] : ['broker', 'meshcap', 'null-disk', 'null'];
+      const kinds: Kind[] = ['null', ...(o.handOff ? (['null-hand-off'] as Kind[]) : []), 'null-disk', 'meshcap', 'broker'];
+      const order = rep % 2 === 0 ? kinds : [...kinds].reverse();
       for (const kind of order) {
         const r = await saturated(kind, rep, s, undefined, pki);
         runs.push(r);
@@ -553,6 +561,7 @@ export async function runE2eBench(o: E2eOptions = {}): Promise<BenchReport> {
 
   const nulls = runs.filter((r) => r.kind === 'null');
   const disks = runs.filter((r) => r.kind === 'null-disk');
+  const handOffs = runs.filter((r) => r.kind === 'null-hand-off');
   const mc = runs.filter((r) => r.kind === 'meshcap');
   const br = runs.filter((r) => r.kind === 'broker');
   const delivered = med(br.map((r) => r.capturedMBps));
@@ -566,6 +575,9 @@ export async function runE2eBench(o: E2eOptions = {}): Promise<BenchReport> {
     { bench: 'e2e', figure: 'payload ingested by meshcap, saturating (MB/s)', value: fmt(ingest, 0), baseline: `null gRPC sink ${fmt(nullMBps, 0)}`, ratio: pct(ingest, nullMBps), target: '' },
     { bench: 'e2e', figure: 'payload captured vs null sink writing to disk (MB/s)', value: fmt(captured, 0), baseline: `null+disk ${fmt(diskMBps, 0)}`, ratio: pct(captured, diskMBps), target: '' },
     { bench: 'e2e', figure: 'null sink writing to disk: written (MB/s)', value: fmt(diskMBps, 0), baseline: `null gRPC sink ${fmt(nullMBps, 0)}`, ratio: pct(diskMBps, nullMBps), target: '' },
+    ...(handOffs.length
+      ? [{ bench: 'e2e', figure: 'null sink handing every message to a second thread (MB/s)', value: fmt(med(handOffs.map((r) => r.ingestMBps)), 0), baseline: `null gRPC sink ${fmt(nullMBps, 0)}`, ratio: pct(med(handOffs.map((r) => r.ingestMBps)), nullMBps), target: '' }]
+      : []),
     { bench: 'e2e', figure: 'packets dropped at saturation (share)', value: `${fmt(100 * med(mc.map((r) => r.dropShare)), 1)}%`, baseline: '', ratio: '', target: '' },
     {
       bench: 'e2e',
@@ -612,6 +624,6 @@ if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) 
   const args = parseArgs(process.argv.slice(2));
   const argv = process.argv.slice(2);
   const profileDir = argv.includes('--profile') ? argv[argv.indexOf('--profile') + 1]! : null;
-  const r = await runE2eBench({ quick: args.quick, json: args.json, profileDir });
+  const r = await runE2eBench({ quick: args.quick, json: args.json, profileDir, handOff: argv.includes('--hand-off') });
   console.log(`\n${table([['figure', 'value', 'baseline (same run)', 'ratio', 'target'], ...r.summary.map((x) => [x.figure, x.value, x.baseline, x.ratio, x.target])])}`);
 }

@@ -14,10 +14,19 @@
  * completed, into a ring of 256 MB files (2 kept), at most 16 MiB waiting (beyond that messages are
  * dropped and counted). The ceiling of gRPC ingest + disk on this machine, for the captured figure.
  *
+ * `--hand-off`: also hand every message to a second thread, as a meshcap that ran its capture
+ * pipeline beside the gRPC thread would: the messages received in one event-loop turn go in one
+ * postMessage, each message's memory transferred (grpc-js gives every message of 4 KiB or more a
+ * memory of its own; smaller ones are copied), and the thread copies each message once into a
+ * shared 64 MiB area (the capture's one copy) and nothing else. At most 64 MiB is in flight (the
+ * streams are paused beyond it). The ceiling of such a two-thread design on this machine, before
+ * any capture work (e2e.ts --hand-off).
+ *
  * Run by the benchmarks through child_process.fork (IPC: { id, cmd: 'stats' | 'stop' }); also runs
  * alone: node dist/bench/null-sink.js --listen unix:/tmp/null.sock
  */
 import fs from 'node:fs';
+import { Worker } from 'node:worker_threads';
 import * as grpc from '@grpc/grpc-js';
 import { STREAM_TAPS_PATHS, streamTapsService, widenConnectionWindows, widenStreamWindow } from '../src/ingest/grpc-tap-server.js';
 
@@ -29,7 +38,61 @@ const appendPath = argv.includes('--append') ? argv[argv.indexOf('--append') + 1
 const appendFd = appendPath ? fs.openSync(appendPath, 'w') : -1;
 const writeDir = argv.includes('--write-dir') ? argv[argv.indexOf('--write-dir') + 1]! : null;
 
-const stats = { messages: 0, bytes: 0, streamsActive: 0, streamsTotal: 0, writtenBytes: 0, droppedBytes: 0 };
+const stats = { messages: 0, bytes: 0, streamsActive: 0, streamsTotal: 0, writtenBytes: 0, droppedBytes: 0, handedOffBytes: 0 };
+
+/** --hand-off: the second thread, what is in flight to it, and the streams paused meanwhile. */
+const HAND_OFF_MAX = 64 * 1024 * 1024;
+const HAND_OFF_THREAD = `
+const { parentPort } = require('node:worker_threads');
+const area = Buffer.from(new SharedArrayBuffer(64 * 1024 * 1024));
+let at = 0;
+parentPort.on('message', (batch) => {
+  let bytes = 0;
+  for (let i = 0; i < batch.length; i += 3) {
+    const msg = Buffer.from(batch[i], batch[i + 1], batch[i + 2]);
+    if (at + msg.length > area.length) at = 0;
+    area.fill(msg, at, at + msg.length); // one native memcpy into shared memory, as meshcap's copyBytes
+    at += msg.length;
+    bytes += msg.length;
+  }
+  parentPort.postMessage(bytes);
+});
+`;
+const handOff = argv.includes('--hand-off') ? new Worker(HAND_OFF_THREAD, { eval: true }) : null;
+let batch: Array<ArrayBufferLike | number> = [];
+let transfer: ArrayBuffer[] = [];
+let inFlight = 0;
+const paused = new Set<grpc.ServerReadableStream<Buffer, Buffer>>();
+handOff?.on('message', (bytes: number) => {
+  inFlight -= bytes;
+  stats.handedOffBytes += bytes;
+  if (inFlight < HAND_OFF_MAX / 2) {
+    for (const call of paused) call.resume();
+    paused.clear();
+  }
+});
+function sendBatch(): void {
+  handOff!.postMessage(batch, transfer);
+  batch = [];
+  transfer = [];
+}
+function toThread(msg: Buffer, call: grpc.ServerReadableStream<Buffer, Buffer>): void {
+  // A message that owns its memory is transferred; one in Node's shared pool is copied first.
+  const own = msg.byteOffset + msg.length === msg.buffer.byteLength && msg.byteOffset <= 16 && !(msg.buffer instanceof SharedArrayBuffer);
+  let m = msg;
+  if (!own) {
+    m = Buffer.allocUnsafeSlow(msg.length); // its own memory: Node's pool cannot be transferred
+    msg.copy(m);
+  }
+  if (batch.length === 0) setImmediate(sendBatch);
+  batch.push(m.buffer, m.byteOffset, m.length);
+  transfer.push(m.buffer as ArrayBuffer);
+  inFlight += m.length;
+  if (inFlight > HAND_OFF_MAX && !paused.has(call)) {
+    paused.add(call);
+    call.pause();
+  }
+}
 
 /** The --write-dir writer: writev of everything pending, one write in flight, ring of 2 × 256 MB. */
 const RING_FILE = 256e6;
@@ -99,6 +162,7 @@ for (const path of STREAM_TAPS_PATHS) {
           stats.bytes += msg.length;
           if (appendFd >= 0) fs.writeSync(appendFd, msg);
           if (writeDir) toDisk(msg);
+          if (handOff) toThread(msg, call);
         });
         call.on('end', () => {
           finish();

@@ -287,6 +287,8 @@ export interface NullStats {
   /** With a write directory: bytes written to disk, and dropped because the disk fell behind. */
   writtenBytes: number;
   droppedBytes: number;
+  /** With --hand-off: bytes the second thread has copied. */
+  handedOffBytes: number;
   streamsActive: number;
   streamsTotal: number;
 }
@@ -377,11 +379,18 @@ export class NullSinkProc {
   }
   /**
    * Starts the null gRPC sink on DIR/null.sock; `appendTo` makes it write every message to a file at
-   * once, `writeDir` to a ring of files as a capture writer would (see null-sink.ts).
+   * once, `writeDir` to a ring of files as a capture writer would, `handOff` every message to a
+   * second thread (see null-sink.ts).
    */
-  static async start(dir: string, appendTo?: string, writeDir?: string): Promise<NullSinkProc> {
+  static async start(dir: string, appendTo?: string, writeDir?: string, handOff = false): Promise<NullSinkProc> {
     const sock = path.join(dir, 'null.sock');
-    const ipc = IpcChild.fork(path.join(here, '..', 'null-sink.js'), ['--listen', `unix:${sock}`, ...(appendTo ? ['--append', appendTo] : []), ...(writeDir ? ['--write-dir', writeDir] : [])]);
+    const ipc = IpcChild.fork(path.join(here, '..', 'null-sink.js'), [
+      '--listen',
+      `unix:${sock}`,
+      ...(appendTo ? ['--append', appendTo] : []),
+      ...(writeDir ? ['--write-dir', writeDir] : []),
+      ...(handOff ? ['--hand-off'] : []),
+    ]);
     await ipc.next('ready');
     return new NullSinkProc(ipc, sock);
   }
