@@ -6,13 +6,25 @@ import type { Endpoint } from '../../src/flow/address.js';
 import { TcpFlow } from '../../src/flow/tcp-flow.js';
 import { pcapFramer, pcapNsFramer } from '../../src/format/pcap.js';
 import { pcapngFramer } from '../../src/format/pcapng.js';
+import type { RecordFramer } from '../../src/format/record-framer.js';
 import { reframeBlock, reframedSize, reframedSizeBound } from '../../src/format/reframe.js';
-import { BlockPool } from '../../src/packet/block.js';
+import { BlockPool, type Block } from '../../src/packet/block.js';
 import { Slicer } from '../../src/packet/slicer.js';
 import { parseCapture } from '../helpers/pcap-read.js';
 import { tsharkFields } from '../helpers/tshark.js';
 
 const ep = (last: number, port: number): Endpoint => ({ v6: false, ip: Uint8Array.from([10, 0, 0, last]), port, synthetic: false });
+
+/** A block laid out for `framer`: a commented SYN, then 5000 bytes (4 segments) after 2 lost packets. */
+function sampleBlock(framer: RecordFramer): Block {
+  const pool = new BlockPool(1, 64 * 1024, framer);
+  const out = { current: pool.acquire(), rotate: () => null };
+  const slicer = new Slicer(out, { snaplen: 262144 });
+  const flow = new TcpFlow(1, 'n', 1, ep(1, 443), ep(2, 40000), 1460, true, '');
+  slicer.control(flow, 0, 0x02, 1_700_000_000, 123_456_789, Buffer.from('hello'), 0);
+  slicer.data(flow, 1, Buffer.alloc(5000, 7), 1_700_000_001, 5, null, 2);
+  return out.current!;
+}
 
 describe('reframeBlock', () => {
   for (const [from, to] of [
@@ -21,13 +33,7 @@ describe('reframeBlock', () => {
     [pcapngFramer, pcapNsFramer],
   ] as const) {
     it(`turns ${from.name} records into ${to.name} records with the same frames and times`, () => {
-      const pool = new BlockPool(1, 64 * 1024, from);
-      const out = { current: pool.acquire(), rotate: () => null };
-      const slicer = new Slicer(out, { snaplen: 262144 });
-      const flow = new TcpFlow(1, 'n', 1, ep(1, 443), ep(2, 40000), 1460, true, '');
-      slicer.control(flow, 0, 0x02, 1_700_000_000, 123_456_789, Buffer.from('hello'), 0);
-      slicer.data(flow, 1, Buffer.alloc(5000, 7), 1_700_000_001, 5, null, 2);
-      const block = out.current!;
+      const block = sampleBlock(from);
       const buf = Buffer.alloc(reframedSizeBound(block.size, from, to));
       const n = reframeBlock(block, to, buf);
       const file = parseCapture(Buffer.concat([to.fileHeader({ snaplen: 262144 }), buf.subarray(0, n)]));
@@ -45,13 +51,7 @@ describe('reframeBlock', () => {
 
   it('sizes its output exactly, and adds a note to the first record it writes (pcapng) or nothing (pcap)', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'meshcap-reframe-'));
-    const pool = new BlockPool(1, 64 * 1024, pcapngFramer);
-    const out = { current: pool.acquire(), rotate: () => null };
-    const slicer = new Slicer(out, { snaplen: 262144 });
-    const flow = new TcpFlow(1, 'n', 1, ep(1, 443), ep(2, 40000), 1460, true, 'meshcap: first');
-    slicer.control(flow, 0, 0x02, 1_700_000_000, 0, Buffer.from('hello'), 0);
-    slicer.data(flow, 1, Buffer.alloc(5000, 7), 1_700_000_001, 5, null, 2);
-    const block = out.current!;
+    const block = sampleBlock(pcapngFramer);
     const keep = (i: number): boolean => i % 2 === 1;
     const note = { text: Buffer.from('3 lost here'), drops: 3 };
     for (const to of [pcapngFramer, pcapFramer]) {
