@@ -108,6 +108,16 @@ export class ConcatJsonSplitter {
     this.streamOffset += n;
   }
 
+  /**
+   * Memory the object in progress keeps alive: its slices are views, so each keeps its whole chunk
+   * (callers count it against their memory budget).
+   */
+  get retainedBytes(): number {
+    let n = 0;
+    for (const p of this.parts) n += p.buffer.byteLength;
+    return n;
+  }
+
   /** End of stream: an object still open is truncated. Resets, so the splitter may be reused. */
   end(): void {
     const truncated = this.mode === Mode.Collect;

@@ -509,6 +509,11 @@ class JsonSource extends ConvertedSource<JsonItem> {
     });
   }
 
+  /** The objects waiting, and the chunks of the one in progress (views keep whole chunks). */
+  override get memory(): number {
+    return this.held + this.splitter.retainedBytes;
+  }
+
   protected convert(text: JsonItem): Buffer | null {
     if (typeof text !== 'string') {
       this.onError(text.reason, text.detail);

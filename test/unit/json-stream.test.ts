@@ -25,6 +25,22 @@ const TEXTS = OBJECTS.map((o) => JSON.stringify(o, null, 2));
 const STREAM = Buffer.from(TEXTS.join(''), 'utf8');
 
 describe('ConcatJsonSplitter', () => {
+  it('counts the whole chunks an object in progress keeps alive, and lets them go when it ends', () => {
+    const h = harness();
+    const cut = TEXTS[0]!.length + 10; // inside the second object
+    const a = Buffer.from(STREAM.subarray(0, cut)); // chunks of their own, as the file reader's
+    const b = Buffer.from(STREAM.subarray(cut, cut + 20));
+    const c = Buffer.from(STREAM.subarray(cut + 20));
+    h.splitter.push(a);
+    expect(h.objects).toHaveLength(1);
+    expect(h.splitter.retainedBytes).toBe(a.buffer.byteLength);
+    h.splitter.push(b);
+    expect(h.splitter.retainedBytes).toBe(a.buffer.byteLength + b.buffer.byteLength);
+    h.splitter.push(c);
+    expect(h.objects).toEqual(TEXTS);
+    expect(h.splitter.retainedBytes).toBe(0);
+  });
+
   it('splits objects written back to back with no delimiter', () => {
     const h = harness();
     h.splitter.push(STREAM);
