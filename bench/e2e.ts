@@ -37,10 +37,11 @@
  *               every packet serve made and every payload byte sent, with 0 drops, 0 gaps, 0
  *               duplicates.
  *
- *   npx tsc -p tsconfig.json && node dist/bench/e2e.js [--quick] [--no-json] [--profile DIR] [--hand-off]
+ *   npx tsc -p tsconfig.json && node dist/bench/e2e.js [--quick] [--no-json] [--profile DIR] [--hand-off] [--raw-h2]
  * --profile DIR adds one saturated meshcap run under `node --cpu-prof` and prints where its main
  * thread's time goes (bench/tools/cpuprofile-categories.ts). --hand-off adds the null sink handing
- * every message to a second thread (null-sink.ts): the ceiling of a two-thread meshcap.
+ * every message to a second thread (null-sink.ts): the ceiling of a two-thread meshcap. --raw-h2
+ * adds the null sink on node:http2 without grpc-js: what the library costs.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -65,6 +66,11 @@ export interface E2eOptions {
    * ceiling of a meshcap whose capture pipeline ran beside the gRPC thread. Not in `npm run bench`.
    */
   handOff?: boolean;
+  /**
+   * Also run the null sink on node:http2 without grpc-js (null-sink.ts --raw-h2): what gRPC ingest
+   * costs without the library. Not in `npm run bench`.
+   */
+  rawH2?: boolean;
 }
 
 interface Settings {
@@ -76,7 +82,7 @@ interface Settings {
   moderateMs: number;
 }
 
-type Kind = 'null' | 'null-disk' | 'null-hand-off' | 'meshcap' | 'broker';
+type Kind = 'null' | 'null-disk' | 'null-hand-off' | 'null-raw-h2' | 'meshcap' | 'broker';
 
 interface SatRun {
   kind: Kind;
@@ -112,7 +118,9 @@ interface SatRun {
 }
 
 const RING = ['-C', '256', '-W', '2'];
-const LABEL: Record<Kind, string> = { null: 'null gRPC sink', 'null-disk': 'null sink + disk writer', 'null-hand-off': 'null sink + hand-off thread', meshcap: 'meshcap serve', broker: 'meshcap serve → broker → collect' };
+/** null-sink.ts options of the optional baselines. */
+const NULL_FLAGS: Partial<Record<Kind, string[]>> = { 'null-hand-off': ['--hand-off'], 'null-raw-h2': ['--raw-h2'] };
+const LABEL: Record<Kind, string> = { null: 'null gRPC sink', 'null-disk': 'null sink + disk writer', 'null-hand-off': 'null sink + hand-off thread', 'null-raw-h2': 'null sink on node:http2 alone', meshcap: 'meshcap serve', broker: 'meshcap serve → broker → collect' };
 
 function settings(quick: boolean, sidecars?: number): Settings {
   return quick
@@ -138,7 +146,7 @@ async function saturated(kind: Kind, rep: number, s: Settings, profileDir?: stri
       server =
         kind === 'meshcap'
           ? await MeshcapProc.start({ dir: runDir, args: RING, ...(profileDir ? { cpuProfDir: profileDir } : {}) })
-          : await NullSinkProc.start(runDir, undefined, kind === 'null-disk' ? runDir : undefined, kind === 'null-hand-off');
+          : await NullSinkProc.start(runDir, undefined, kind === 'null-disk' ? runDir : undefined, NULL_FLAGS[kind] ?? []);
     }
     const srv = server;
     const load = await Load.start({ target: srv.target, sidecars: s.sidecars, durationMs: s.warmMs + s.measureMs + 5000 });
@@ -245,7 +253,7 @@ async function saturated(kind: Kind, rep: number, s: Settings, profileDir?: stri
       rep,
       seconds: sec,
       ingestMBps: ingest,
-      capturedMBps: kind === 'null' ? ingest : dPackets > 0 ? ingest * Math.min(1, dWritten / dPackets) : 0,
+      capturedMBps: kind === 'null' || kind === 'null-raw-h2' ? ingest : dPackets > 0 ? ingest * Math.min(1, dWritten / dPackets) : 0,
       msgMBps: (b.msg - a.msg) / sec / MB,
       cpu: {
         serverMain: (cb.main - ca.main) / sec,
@@ -492,19 +500,19 @@ export async function runE2eBench(o: E2eOptions = {}): Promise<BenchReport> {
     const row = (r: SatRun) => [
       `${LABEL[r.kind]} #${r.rep + 1}`,
       fmt(r.ingestMBps, 0),
-      r.kind === 'null' ? '-' : fmt(r.capturedMBps, 0),
+      r.kind === 'null' || r.kind === 'null-raw-h2' ? '-' : fmt(r.capturedMBps, 0),
       fmt(r.msgMBps, 0),
       fmt(r.cpu.serverMain, 2),
       fmt(r.cpu.serverOthers, 2),
       fmt(r.cpu.loadgen, 2),
       r.cpu.collect === undefined ? '-' : fmt(r.cpu.collect, 2),
-      r.kind === 'null' || r.kind === 'null-hand-off' ? '-' : `${fmt(100 * r.dropShare, 1)}% ${Object.keys(r.drops).join(',')}`.trim(),
+      r.kind === 'null' || r.kind === 'null-hand-off' || r.kind === 'null-raw-h2' ? '-' : `${fmt(100 * r.dropShare, 1)}% ${Object.keys(r.drops).join(',')}`.trim(),
       fmt(r.peakRssMiB, 0),
       r.streamsOk ? 'ok' : 'FAILED',
       r.exit,
     ];
     for (let rep = 0; rep < s.reps; rep++) {
-      const kinds: Kind[] = ['null', ...(o.handOff ? (['null-hand-off'] as Kind[]) : []), 'null-disk', 'meshcap', 'broker'];
+      const kinds: Kind[] = ['null', ...(o.handOff ? (['null-hand-off'] as Kind[]) : []), ...(o.rawH2 ? (['null-raw-h2'] as Kind[]) : []), 'null-disk', 'meshcap', 'broker'];
       const order = rep % 2 === 0 ? kinds : [...kinds].reverse();
       for (const kind of order) {
         const r = await saturated(kind, rep, s, undefined, pki);
@@ -562,6 +570,7 @@ export async function runE2eBench(o: E2eOptions = {}): Promise<BenchReport> {
   const nulls = runs.filter((r) => r.kind === 'null');
   const disks = runs.filter((r) => r.kind === 'null-disk');
   const handOffs = runs.filter((r) => r.kind === 'null-hand-off');
+  const raws = runs.filter((r) => r.kind === 'null-raw-h2');
   const mc = runs.filter((r) => r.kind === 'meshcap');
   const br = runs.filter((r) => r.kind === 'broker');
   const delivered = med(br.map((r) => r.capturedMBps));
@@ -570,6 +579,8 @@ export async function runE2eBench(o: E2eOptions = {}): Promise<BenchReport> {
   const ingest = med(mc.map((r) => r.ingestMBps));
   const captured = med(mc.map((r) => r.capturedMBps));
   const pct = (a: number, b: number) => `${fmt((100 * a) / b, 0)}%`;
+  /** Milliseconds of the server's main thread per MB of payload ingested (median of the runs). */
+  const msPerMB = (rs: SatRun[]) => med(rs.map((r) => (1000 * r.cpu.serverMain) / r.ingestMBps));
   const summary: SummaryRow[] = [
     { bench: 'e2e', figure: `payload captured to disk, ${s.sidecars} sidecars saturating (MB/s)`, value: fmt(captured, 0), baseline: `null gRPC sink ${fmt(nullMBps, 0)}`, ratio: pct(captured, nullMBps), target: '≥ 80%' },
     { bench: 'e2e', figure: 'payload ingested by meshcap, saturating (MB/s)', value: fmt(ingest, 0), baseline: `null gRPC sink ${fmt(nullMBps, 0)}`, ratio: pct(ingest, nullMBps), target: '' },
@@ -577,6 +588,19 @@ export async function runE2eBench(o: E2eOptions = {}): Promise<BenchReport> {
     { bench: 'e2e', figure: 'null sink writing to disk: written (MB/s)', value: fmt(diskMBps, 0), baseline: `null gRPC sink ${fmt(nullMBps, 0)}`, ratio: pct(diskMBps, nullMBps), target: '' },
     ...(handOffs.length
       ? [{ bench: 'e2e', figure: 'null sink handing every message to a second thread (MB/s)', value: fmt(med(handOffs.map((r) => r.ingestMBps)), 0), baseline: `null gRPC sink ${fmt(nullMBps, 0)}`, ratio: pct(med(handOffs.map((r) => r.ingestMBps)), nullMBps), target: '' }]
+      : []),
+    ...(raws.length
+      ? [
+          { bench: 'e2e', figure: 'null sink on node:http2 without grpc-js (MB/s)', value: fmt(med(raws.map((r) => r.ingestMBps)), 0), baseline: `null gRPC sink ${fmt(nullMBps, 0)}`, ratio: pct(med(raws.map((r) => r.ingestMBps)), nullMBps), target: '' },
+          {
+            bench: 'e2e',
+            figure: 'main thread per MB: grpc-js null sink, node:http2 null sink, meshcap (ms)',
+            value: `${fmt(msPerMB(nulls), 2)} / ${fmt(msPerMB(raws), 2)} / ${fmt(msPerMB(mc), 2)}`,
+            baseline: '',
+            ratio: '',
+            target: '',
+          },
+        ]
       : []),
     { bench: 'e2e', figure: 'packets dropped at saturation (share)', value: `${fmt(100 * med(mc.map((r) => r.dropShare)), 1)}%`, baseline: '', ratio: '', target: '' },
     {
@@ -624,6 +648,6 @@ if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) 
   const args = parseArgs(process.argv.slice(2));
   const argv = process.argv.slice(2);
   const profileDir = argv.includes('--profile') ? argv[argv.indexOf('--profile') + 1]! : null;
-  const r = await runE2eBench({ quick: args.quick, json: args.json, profileDir, handOff: argv.includes('--hand-off') });
+  const r = await runE2eBench({ quick: args.quick, json: args.json, profileDir, handOff: argv.includes('--hand-off'), rawH2: argv.includes('--raw-h2') });
   console.log(`\n${table([['figure', 'value', 'baseline (same run)', 'ratio', 'target'], ...r.summary.map((x) => [x.figure, x.value, x.baseline, x.ratio, x.target])])}`);
 }

@@ -22,13 +22,19 @@
  * streams are paused beyond it). The ceiling of such a two-thread design on this machine, before
  * any capture work (e2e.ts --hand-off).
  *
+ * `--raw-h2`: the same counting without grpc-js: a node:http2 server with the same windows that
+ * parses gRPC's 5-byte message prefixes itself, in the DATA chunks as they come (no copy, no
+ * reassembly), and answers with an empty message and grpc-status 0. The ceiling of ingest on
+ * node:http2 alone, to set against grpc-js's (e2e.ts --raw-h2).
+ *
  * Run by the benchmarks through child_process.fork (IPC: { id, cmd: 'stats' | 'stop' }); also runs
  * alone: node dist/bench/null-sink.js --listen unix:/tmp/null.sock
  */
 import fs from 'node:fs';
+import http2 from 'node:http2';
 import { Worker } from 'node:worker_threads';
 import * as grpc from '@grpc/grpc-js';
-import { STREAM_TAPS_PATHS, streamTapsService, widenConnectionWindows, widenStreamWindow } from '../src/ingest/grpc-tap-server.js';
+import { CONNECTION_WINDOW, STREAM_TAPS_PATHS, STREAM_WINDOW, streamTapsService, widenConnectionWindows, widenStreamWindow } from '../src/ingest/grpc-tap-server.js';
 
 const EMPTY = Buffer.alloc(0);
 
@@ -139,14 +145,12 @@ function toDisk(msg: Buffer): void {
   if (!writing) pump();
 }
 
-const server = new grpc.Server({ 'grpc.max_receive_message_length': 16 * 1024 * 1024, 'grpc.max_send_message_length': 1024 });
-// The same service definition and HTTP/2 windows as meshcap's tap server: only the handler differs.
-if (!widenStreamWindow(server)) throw new Error('grpc-js internals changed: cannot widen the HTTP/2 windows as meshcap does');
-
-for (const path of STREAM_TAPS_PATHS) {
-  server.addService(
-    streamTapsService(path),
-    {
+/** The grpc-js server meshcap's door is: the same service definition and HTTP/2 windows, only the handler differs. */
+function grpcServer(): () => void {
+  const server = new grpc.Server({ 'grpc.max_receive_message_length': 16 * 1024 * 1024, 'grpc.max_send_message_length': 1024 });
+  if (!widenStreamWindow(server)) throw new Error('grpc-js internals changed: cannot widen the HTTP/2 windows as meshcap does');
+  for (const path of STREAM_TAPS_PATHS) {
+    server.addService(streamTapsService(path), {
       StreamTaps: (call: grpc.ServerReadableStream<Buffer, Buffer>, callback: grpc.sendUnaryData<Buffer>) => {
         stats.streamsActive++;
         stats.streamsTotal++;
@@ -171,24 +175,99 @@ for (const path of STREAM_TAPS_PATHS) {
         call.on('error', finish);
         call.on('cancelled', finish);
       },
-    },
-  );
+    });
+  }
+  server.bindAsync(listen, grpc.ServerCredentials.createInsecure(), (err) => {
+    if (err) throw err;
+    widenConnectionWindows(server, new Set(), (e) => {
+      throw e;
+    });
+    ready();
+  });
+  return () => server.forceShutdown();
+}
+
+/** --raw-h2: StreamTaps on node:http2 alone, messages counted from their prefixes as the DATA chunks pass. */
+function rawH2Server(): () => void {
+  const server = http2.createServer({ settings: { initialWindowSize: STREAM_WINDOW } });
+  const sessions = new Set<http2.ServerHttp2Session>();
+  server.on('session', (session) => {
+    sessions.add(session);
+    session.on('close', () => sessions.delete(session));
+    const widen = () => session.setLocalWindowSize(CONNECTION_WINDOW);
+    if (session.connecting) session.once('connect', widen);
+    else widen();
+  });
+  server.on('stream', (stream, headers) => {
+    if (!STREAM_TAPS_PATHS.includes(String(headers[':path']))) {
+      stream.respond({ ':status': 200, 'content-type': 'application/grpc', 'grpc-status': '12' }, { endStream: true });
+      return;
+    }
+    stats.streamsActive++;
+    stats.streamsTotal++;
+    // The 5-byte prefix (flag, u32 length) may straddle chunks: its bytes so far, then the message's.
+    let prefixHave = 0;
+    let size = 0;
+    let left = 0;
+    stream.on('data', (chunk: Buffer) => {
+      let i = 0;
+      while (i < chunk.length) {
+        if (left === 0 && prefixHave < 5) {
+          if (prefixHave >= 1) size = size * 256 + chunk[i]!;
+          i++;
+          if (++prefixHave === 5) {
+            left = size;
+            if (left === 0) endMessage();
+          }
+          continue;
+        }
+        const n = Math.min(left, chunk.length - i);
+        i += n;
+        left -= n;
+        if (left === 0) endMessage();
+      }
+    });
+    const endMessage = () => {
+      stats.messages++;
+      stats.bytes += size;
+      prefixHave = 0;
+      size = 0;
+    };
+    let done = false;
+    const finish = () => {
+      if (!done) {
+        done = true;
+        stats.streamsActive--;
+      }
+    };
+    stream.on('end', () => {
+      finish();
+      stream.respond({ ':status': 200, 'content-type': 'application/grpc' }, { waitForTrailers: true });
+      stream.once('wantTrailers', () => stream.sendTrailers({ 'grpc-status': '0' }));
+      stream.end(Buffer.alloc(5)); // one empty message
+    });
+    stream.on('error', finish);
+    stream.on('close', finish);
+  });
+  server.listen(listen.startsWith('unix:') ? listen.slice(5) : Number(listen.split(':').pop()), ready);
+  return () => {
+    for (const s of sessions) s.destroy();
+    server.close();
+  };
+}
+
+function ready(): void {
+  process.send?.({ type: 'ready' });
+  if (!process.send) console.error(`null sink listening on ${listen}`);
 }
 
 if (listen.startsWith('unix:')) fs.rmSync(listen.slice(5), { force: true });
-server.bindAsync(listen, grpc.ServerCredentials.createInsecure(), (err) => {
-  if (err) throw err;
-  widenConnectionWindows(server, new Set(), (e) => {
-    throw e;
-  });
-  process.send?.({ type: 'ready' });
-  if (!process.send) console.error(`null sink listening on ${listen}`);
-});
+const stop = argv.includes('--raw-h2') ? rawH2Server() : grpcServer();
 
 process.on('message', (m: { id: number; cmd: string }) => {
   if (m.cmd === 'stats') process.send!({ id: m.id, ...stats });
   else if (m.cmd === 'stop') {
-    server.forceShutdown();
+    stop();
     if (appendFd >= 0) fs.closeSync(appendFd);
     if (fileFd >= 0) fs.closeSync(fileFd);
     process.send!({ id: m.id, ok: true }, () => process.exit(0));

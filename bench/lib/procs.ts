@@ -379,17 +379,17 @@ export class NullSinkProc {
   }
   /**
    * Starts the null gRPC sink on DIR/null.sock; `appendTo` makes it write every message to a file at
-   * once, `writeDir` to a ring of files as a capture writer would, `handOff` every message to a
-   * second thread (see null-sink.ts).
+   * once, `writeDir` to a ring of files as a capture writer would; `flags`: more of null-sink.ts's
+   * options (--hand-off, --raw-h2).
    */
-  static async start(dir: string, appendTo?: string, writeDir?: string, handOff = false): Promise<NullSinkProc> {
+  static async start(dir: string, appendTo?: string, writeDir?: string, flags: string[] = []): Promise<NullSinkProc> {
     const sock = path.join(dir, 'null.sock');
     const ipc = IpcChild.fork(path.join(here, '..', 'null-sink.js'), [
       '--listen',
       `unix:${sock}`,
       ...(appendTo ? ['--append', appendTo] : []),
       ...(writeDir ? ['--write-dir', writeDir] : []),
-      ...(handOff ? ['--hand-off'] : []),
+      ...flags,
     ]);
     await ipc.next('ready');
     return new NullSinkProc(ipc, sock);

@@ -31,8 +31,8 @@ const EMPTY = Buffer.alloc(0);
  * both are set on its http2 servers: the SETTINGS initial window through its server options, the
  * connection window on each session.
  */
-const STREAM_WINDOW = 4 * 1024 * 1024;
-const CONNECTION_WINDOW = 16 * 1024 * 1024;
+export const STREAM_WINDOW = 4 * 1024 * 1024;
+export const CONNECTION_WINDOW = 16 * 1024 * 1024;
 
 interface GrpcServerInternals {
   commonServerOptions?: http2.ServerOptions;
