@@ -21,6 +21,8 @@
  *   Pipeline (IPv4, 64 KiB and 4 KiB payloads): TraceDecoder.decodeStreamTapsRequest() on
  *     pre-encoded StreamTapsRequest messages (protobufjs, proto-schema.ts) → Pipeline (flow table,
  *     slicer, block pool, no sinks), as the gRPC door calls it, minus gRPC itself.
+ *   Re-framing: reframeBlock of a full 4 MiB pcapng block into classic pcap (what a broker lane does
+ *     with every block), beside one copy of the same records out of the shared memory.
  *
  * Allocation, three ways, over the timed repetitions: GCs seen by a PerformanceObserver
  * (young-generation scavenges included) per million packets; bytes allocated per packet (heapUsed
@@ -37,7 +39,9 @@ import { PipelineStats } from '../src/control/stats.js';
 import { silentLogger } from '../src/control/logger.js';
 import { TcpFlow } from '../src/flow/tcp-flow.js';
 import type { Endpoint } from '../src/flow/address.js';
+import { pcapFramer } from '../src/format/pcap.js';
 import { pcapngFramer } from '../src/format/pcapng.js';
+import { reframeBlock, reframedSize } from '../src/format/reframe.js';
 import type { RecordFramer } from '../src/format/record-framer.js';
 import { loadSchema } from '../src/ingest/proto-schema.js';
 import type { StreamIdentity } from '../src/ingest/tap-event.js';
@@ -444,7 +448,61 @@ function slicerGroups(v4 = shape(false, 1460, 65536), v6 = shape(true, 1440, 655
         ['pipeline-4k', () => pipelineCase('pipeline-4k', 4096)],
       ],
     },
+    {
+      title: 'Re-framing for a sink in another format (a broker lane in classic pcap)',
+      cases: [
+        ['blockcopy-4m', () => blockCopyCase('blockcopy-4m')],
+        ['reframe-4m-pcap', () => reframeCase('reframe-4m-pcap')],
+      ],
+    },
   ];
+}
+
+/**
+ * A full 4 MiB pcapng block of 64 KiB IPv4 events (as the slicer leaves it), for the re-framing
+ * cases: what a broker lane in classic pcap does with every block.
+ */
+function fullBlock(): Block {
+  const out = newOutput();
+  const slicer = new Slicer(out, { snaplen: DEFAULT_PIPELINE.snaplen });
+  const flow = newFlow(false, 1460);
+  const { events } = sourceEvents(65536, 4);
+  const block = out.current!;
+  for (let e = 0; block.free > 2 * 65536; e++) slicer.data(flow, e & 1, events[e & 3]!, 1_700_000_000 + e, e, null, 0);
+  return block;
+}
+
+/** reframeBlock of a whole pcapng block into classic pcap (the broker sink's default stream format). */
+function reframeCase(id: string): Case {
+  const block = fullBlock();
+  const out = Buffer.allocUnsafeSlow(reframedSize(block, pcapFramer).bytes);
+  return {
+    id,
+    label: 'reframeBlock pcapng → pcap, 4 MiB block',
+    packetsPerUnit: block.count,
+    payloadBytesPerUnit: block.recordBytes,
+    batchUnits: 1,
+    batch(n) {
+      for (let i = 0; i < n; i++) reframeBlock(block, pcapFramer, out);
+    },
+  };
+}
+
+/** Baseline: one copy of the block's records out of the shared memory (copyBytes), nothing else. */
+function blockCopyCase(id: string): Case {
+  const block = fullBlock();
+  const out = Buffer.allocUnsafeSlow(block.recordBytes);
+  const records = block.records();
+  return {
+    id,
+    label: 'copy of the block\'s records (one copyBytes)',
+    packetsPerUnit: block.count,
+    payloadBytesPerUnit: block.recordBytes,
+    batchUnits: 1,
+    batch(n) {
+      for (let i = 0; i < n; i++) copyBytes(out, 0, records);
+    },
+  };
 }
 
 /** One case by id, built fresh (for tools: profilers, allocation tracing). */
@@ -551,6 +609,13 @@ export async function runSlicerBench(opts: SlicerBenchOptions = {}): Promise<Ben
     summary.push({ bench: 'slicer', figure: `pipeline ${tag === '64k' ? '64 KiB' : '4 KiB'} msgs (MB/s in)`, value: fmt(p.inputMBps, 0), baseline: sl ? `slicer ${fmt(sl.gbps * 1000, 0)} MB/s payload` : '', ratio: sl ? ratio(p.gbps, sl.gbps) : '', target: '' });
     summary.push({ bench: 'slicer', figure: `pipeline ${tag === '64k' ? '64 KiB' : '4 KiB'} (µs/msg)`, value: fmt(p.usPerUnit, 2), baseline: sl ? `slicer ${fmt(sl.usPerUnit, 2)} µs/event` : '', ratio: '', target: '' });
     summary.push(gcRow(`pipeline ${tag === '64k' ? '64 KiB' : '4 KiB'}`, p), allocRow(`pipeline ${tag === '64k' ? '64 KiB' : '4 KiB'}`, p));
+  }
+
+  const rf = get('reframe-4m-pcap');
+  const bc = get('blockcopy-4m');
+  if (rf) {
+    summary.push({ bench: 'slicer', figure: 'reframe pcapng → pcap, 4 MiB block (GB/s of records)', value: fmt(rf.gbps), baseline: bc ? `block copy ${fmt(bc.gbps)}` : '', ratio: bc ? ratio(rf.gbps, bc.gbps) : '', target: '' });
+    summary.push(allocRow('reframe pcapng → pcap', rf));
   }
 
   if (splitRows.length > 1) {

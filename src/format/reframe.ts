@@ -39,26 +39,56 @@ export function reframedSize(block: Block, framer: RecordFramer, keep?: (i: numb
 }
 
 /**
+ * Bytes of the block copied into `out` at a time: a window of records, moved into place while it is
+ * in the cache.
+ */
+const WINDOW = 256 * 1024;
+
+/**
  * Writes records for the frames of `block` selected by `keep` (all when absent) into `out` from
  * offset 0, and returns the bytes written. Comments and drop counts are carried when the target
  * format can hold them, and `note` is added to the first record written. Throws when `out` is too
  * small (size it with `reframedSize`, or `reframedSizeBound` for any block).
+ *
+ * No allocation per frame: the block's bytes come over a window at a time — one copy out of the
+ * shared memory (a view per window), placed so that the window's first frame lands where its record
+ * needs it — and the window's later frames are moved down to their places inside `out`
+ * (copyWithin, a native memmove). A window ends at a frame not kept, at its size, at the end of
+ * `out`, or where a record written would reach the next frame's bytes (a target record longer than
+ * the source's, e.g. a comment added): the next window copies that frame afresh from the block.
  */
 export function reframeBlock(block: Block, framer: RecordFramer, out: Buffer, keep?: (i: number) => boolean, note?: FirstRecordNote | null): number {
+  const ann = framer.carriesAnnotations;
+  const head = framer.head;
+  const n = block.count;
   let o = 0;
   let first = true;
-  const ann = framer.carriesAnnotations;
-  for (let i = 0; i < block.count; i++) {
-    if (keep && !keep(i)) continue;
-    const comment = ann ? (first && note ? withNote(block.commentOf(i), note) : block.commentOf(i)) : null;
-    const drop = ann ? block.dropCount[i]! + (first && note ? note.drops : 0) : 0;
-    first = false;
-    const cap = block.capLen[i]!;
-    const size = framer.recordSize(cap, comment ? comment.length : 0, drop > 0);
-    if (o + size > out.length) throw new RangeError(`reframe: output buffer of ${out.length} bytes is too small`);
-    const frameOff = o + framer.head;
-    copyBytes(out, frameOff, block.buf.subarray(block.frameOff[i]!, block.frameOff[i]! + cap));
-    o = framer.finish(out, frameOff, cap, block.origLen[i]!, block.tsSec[i]!, block.tsNsec[i]!, block.dir[i]!, comment, drop);
+  let i = 0;
+  while (i < n) {
+    if (keep && !keep(i)) {
+      i++;
+      continue;
+    }
+    // The window: block bytes [a, b), placed at p, where frame i's record puts its frame.
+    const a = block.frameOff[i]!;
+    const p = o + head;
+    const b = Math.min(Math.max(a + WINDOW, a + block.capLen[i]!), block.used, a + out.length - p);
+    if (b > a) copyBytes(out, p, block.buf.subarray(a, b));
+    let k = i;
+    do {
+      const cap = block.capLen[k]!;
+      const comment = ann ? (first && note ? withNote(block.commentOf(k), note) : block.commentOf(k)) : null;
+      const drop = ann ? block.dropCount[k]! + (first && note ? note.drops : 0) : 0;
+      const size = framer.recordSize(cap, comment ? comment.length : 0, drop > 0);
+      if (o + size > out.length) throw new RangeError(`reframe: output buffer of ${out.length} bytes is too small`);
+      first = false;
+      const src = p + (block.frameOff[k]! - a);
+      const frameOff = o + head;
+      if (frameOff !== src) out.copyWithin(frameOff, src, src + cap);
+      o = framer.finish(out, frameOff, cap, block.origLen[k]!, block.tsSec[k]!, block.tsNsec[k]!, block.dir[k]!, comment, drop);
+      k++;
+    } while (k < n && (!keep || keep(k)) && block.frameOff[k]! + block.capLen[k]! <= b && o <= p + (block.frameOff[k]! - a));
+    i = k;
   }
   return o;
 }

@@ -49,7 +49,7 @@ import { TlsFiles, type TlsMaterial } from '../control/tls-files.js';
 import { pcapFramer } from '../format/pcap.js';
 import { pcapngFramer } from '../format/pcapng.js';
 import type { RecordFramer } from '../format/record-framer.js';
-import { reframeBlock } from '../format/reframe.js';
+import { reframeBlock, reframedSize } from '../format/reframe.js';
 import type { Block } from '../packet/block.js';
 import { copyBytes } from '../packet/copy-bytes.js';
 import {
@@ -495,7 +495,6 @@ export class LiveServer implements BlockSink {
 
   /** Re-frames the selected frames (sel[i] 1, or 2 for "joined mid-stream") into an exact-size buffer. */
   private reframe(framer: RecordFramer, block: Block, sel: Uint8Array, joins: number): Buffer {
-    const annotate = framer.carriesAnnotations;
     const saved: Array<[number, Buffer | null]> = [];
     if (joins > 0) {
       // Swapped in for the duration of this synchronous call only: other sinks never see it.
@@ -507,14 +506,10 @@ export class LiveServer implements BlockSink {
       }
     }
     try {
-      let size = 0;
-      for (let i = 0; i < block.count; i++) {
-        if (sel[i] === 0) continue;
-        const c = annotate ? block.commentOf(i) : null;
-        size += framer.recordSize(block.capLen[i]!, c ? c.length : 0, annotate && block.dropCount[i]! > 0);
-      }
+      const keep = (i: number): boolean => sel[i] !== 0;
+      const size = reframedSize(block, framer, keep).bytes;
       const out = Buffer.allocUnsafe(size);
-      const written = reframeBlock(block, framer, out, (i) => sel[i] !== 0);
+      const written = reframeBlock(block, framer, out, keep);
       return written === size ? out : out.subarray(0, written);
     } finally {
       for (const [i, c] of saved) block.setComment(i, c);

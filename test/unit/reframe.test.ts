@@ -1,13 +1,14 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import type { Endpoint } from '../../src/flow/address.js';
 import { TcpFlow } from '../../src/flow/tcp-flow.js';
 import { pcapFramer, pcapNsFramer } from '../../src/format/pcap.js';
 import { pcapngFramer } from '../../src/format/pcapng.js';
 import type { RecordFramer } from '../../src/format/record-framer.js';
-import { reframeBlock, reframedSize, reframedSizeBound } from '../../src/format/reframe.js';
+import { reframeBlock, reframedSize, reframedSizeBound, type FirstRecordNote } from '../../src/format/reframe.js';
 import { BlockPool, type Block } from '../../src/packet/block.js';
 import { Slicer } from '../../src/packet/slicer.js';
 import { parseCapture } from '../helpers/pcap-read.js';
@@ -79,5 +80,54 @@ describe('reframeBlock', () => {
     }
     fs.rmSync(dir, { recursive: true, force: true });
   });
+
+  it('writes what a frame-by-frame copy writes, whatever the frames, filter, comments and note (property)', () => {
+    const framers = [pcapngFramer, pcapFramer, pcapNsFramer];
+    fc.assert(
+      fc.property(
+        fc.constantFrom(...framers),
+        fc.constantFrom(...framers),
+        fc.array(fc.record({ len: fc.integer({ min: 1, max: 9000 }), comment: fc.option(fc.string({ maxLength: 300 }), { freq: 3 }), drop: fc.integer({ min: 0, max: 2 }) }), { minLength: 1, maxLength: 30 }),
+        fc.option(fc.array(fc.boolean(), { minLength: 200, maxLength: 200 })),
+        fc.option(fc.record({ text: fc.string({ minLength: 1, maxLength: 80 }).map((t) => Buffer.from(t)), drops: fc.integer({ min: 1, max: 9 }) })),
+        (from, to, events, mask, note) => {
+          const pool = new BlockPool(1, 1024 * 1024, from);
+          const out = { current: pool.acquire(), rotate: () => null };
+          const slicer = new Slicer(out, { snaplen: 262144 });
+          const flow = new TcpFlow(1, 'n', 1, ep(1, 443), ep(2, 40000), 1460, true, '');
+          events.forEach((e, j) => slicer.data(flow, j & 1, Buffer.alloc(e.len, j), 1_700_000_000 + j, j, e.comment === null ? null : Buffer.from(e.comment), e.drop));
+          const block = out.current!;
+          const keep = mask ? (i: number): boolean => mask[i % mask.length]! : undefined;
+          const { bytes } = reframedSize(block, to, keep, note);
+          const got = Buffer.alloc(bytes, 0xee);
+          const want = Buffer.alloc(bytes, 0xee);
+          expect(reframeBlock(block, to, got, keep, note)).toBe(bytes);
+          expect(frameByFrame(block, to, want, keep, note)).toBe(bytes);
+          expect(got.equals(want)).toBe(true);
+        },
+      ),
+      { numRuns: 300 },
+    );
+  });
 });
+
+/** The plain way: each frame copied from the block on its own (a view per frame). */
+function frameByFrame(block: Block, framer: RecordFramer, out: Buffer, keep?: (i: number) => boolean, note?: FirstRecordNote | null): number {
+  let o = 0;
+  let first = true;
+  for (let i = 0; i < block.count; i++) {
+    if (keep && !keep(i)) continue;
+    let comment = framer.carriesAnnotations ? block.commentOf(i) : null;
+    let drop = framer.carriesAnnotations ? block.dropCount[i]! : 0;
+    if (first && note && framer.carriesAnnotations) {
+      comment = comment ? Buffer.concat([comment, Buffer.from('; '), note.text]) : note.text;
+      drop += note.drops;
+    }
+    first = false;
+    const frameOff = o + framer.head;
+    block.frame(i).copy(out, frameOff);
+    o = framer.finish(out, frameOff, block.capLen[i]!, block.origLen[i]!, block.tsSec[i]!, block.tsNsec[i]!, block.dir[i]!, comment, drop);
+  }
+  return o;
+}
 
