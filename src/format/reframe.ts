@@ -30,9 +30,9 @@ export function reframedSize(block: Block, framer: RecordFramer, keep?: (i: numb
   const ann = framer.carriesAnnotations;
   for (let i = 0; i < block.count; i++) {
     if (keep && !keep(i)) continue;
-    const comment = ann ? (count === 0 && note ? withNote(block.commentOf(i), note) : block.commentOf(i)) : null;
-    const drop = ann ? block.dropCount[i]! + (count === 0 && note ? note.drops : 0) : 0;
-    bytes += framer.recordSize(block.capLen[i]!, comment ? comment.length : 0, drop > 0);
+    const here = count === 0 ? note : null;
+    const comment = commentFor(block, i, ann, here);
+    bytes += framer.recordSize(block.capLen[i]!, comment ? comment.length : 0, dropFor(block, i, ann, here) > 0);
     count++;
   }
   return { bytes, count };
@@ -77,8 +77,9 @@ export function reframeBlock(block: Block, framer: RecordFramer, out: Buffer, ke
     let k = i;
     do {
       const cap = block.capLen[k]!;
-      const comment = ann ? (first && note ? withNote(block.commentOf(k), note) : block.commentOf(k)) : null;
-      const drop = ann ? block.dropCount[k]! + (first && note ? note.drops : 0) : 0;
+      const here = first ? note : null;
+      const comment = commentFor(block, k, ann, here);
+      const drop = dropFor(block, k, ann, here);
       const size = framer.recordSize(cap, comment ? comment.length : 0, drop > 0);
       if (o + size > out.length) throw new RangeError(`reframe: output buffer of ${out.length} bytes is too small`);
       first = false;
@@ -93,9 +94,20 @@ export function reframeBlock(block: Block, framer: RecordFramer, out: Buffer, ke
   return o;
 }
 
-/** The frame's own comment followed by the note (allocates: once per re-framed block, at most). */
-function withNote(comment: Buffer | null, note: FirstRecordNote): Buffer {
-  return comment ? Buffer.concat([comment, SEPARATOR, note.text]) : note.text;
+/**
+ * Frame i's comment in a format that carries annotations (`ann`), followed by `note` where it is
+ * the first record written (allocates then: once per re-framed block, at most); null otherwise.
+ */
+function commentFor(block: Block, i: number, ann: boolean, note: FirstRecordNote | null | undefined): Buffer | null {
+  if (!ann) return null;
+  const own = block.commentOf(i);
+  if (!note) return own;
+  return own ? Buffer.concat([own, SEPARATOR, note.text]) : note.text;
+}
+
+/** Frame i's drop count in a format that carries annotations, plus the note's. */
+function dropFor(block: Block, i: number, ann: boolean, note: FirstRecordNote | null | undefined): number {
+  return ann ? block.dropCount[i]! + (note ? note.drops : 0) : 0;
 }
 
 /** An upper bound of reframeBlock's output for any block of `blockSize` bytes (without a note). */
