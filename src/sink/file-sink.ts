@@ -73,7 +73,8 @@ export class FileSink implements BlockSink {
   private readonly exited: Promise<void>;
   private readonly rotating: boolean;
   private readonly toStdout: boolean;
-  private readonly headerBytes: number;
+  /** The file header every file begins with (the same for all: one snaplen, one framer). */
+  private readonly header: Buffer;
   private stopped = false;
   private failed = false;
   /** Files completed by rotation so far (-a files:N counts them). */
@@ -101,7 +102,7 @@ export class FileSink implements BlockSink {
     this.failures = new FailureLog(log);
     this.toStdout = opts.path === '-';
     this.rotating = !this.toStdout && (opts.maxFileBytes > 0 || opts.rotateSeconds > 0);
-    this.headerBytes = opts.framer.fileHeader({ snaplen: opts.snaplen }).length;
+    this.header = opts.framer.fileHeader({ snaplen: opts.snaplen });
     if (!this.toStdout) fs.mkdirSync(path.dirname(path.resolve(opts.path)), { recursive: true, mode: 0o700 });
     // One outcome slot per block that may be in flight, plus the "last done" word.
     this.results = new Int32Array(new SharedArrayBuffer(4 * (opts.maxQueuedBlocks + 2)));
@@ -147,7 +148,7 @@ export class FileSink implements BlockSink {
    */
   nextBlockLead(): number {
     if (this.toStdout) return 0;
-    const size = this.file && !this.openPending ? this.file.size : this.headerBytes;
+    const size = this.file && !this.openPending ? this.file.size : this.header.length;
     return size & (PAGE - 1);
   }
 
@@ -332,9 +333,8 @@ export class FileSink implements BlockSink {
     this.openPending = false;
     const final = this.nextName();
     const part = this.toStdout ? '-' : `${final}.part`;
-    const header = this.opts.framer.fileHeader({ snaplen: this.opts.snaplen });
-    this.send({ op: 'open', part, final, header, openedAt: Date.now(), dropsAtOpen: this.stats.totalDrops() });
-    this.file = { part, size: header.length, packets: 0 };
+    this.send({ op: 'open', part, final, header: this.header, openedAt: Date.now(), dropsAtOpen: this.stats.totalDrops() });
+    this.file = { part, size: this.header.length, packets: 0 };
   }
 
   private nextName(): string {
