@@ -71,6 +71,8 @@ export interface E2eOptions {
    * costs without the library. Not in `npm run bench`.
    */
   rawH2?: boolean;
+  /** Also run meshcap serve with the node:http2 door (MESHCAP_INGEST_H2=1). */
+  h2Door?: boolean;
 }
 
 interface Settings {
@@ -82,7 +84,7 @@ interface Settings {
   moderateMs: number;
 }
 
-type Kind = 'null' | 'null-disk' | 'null-hand-off' | 'null-raw-h2' | 'meshcap' | 'broker';
+type Kind = 'null' | 'null-disk' | 'null-hand-off' | 'null-raw-h2' | 'meshcap' | 'meshcap-h2' | 'broker';
 
 interface SatRun {
   kind: Kind;
@@ -120,7 +122,7 @@ interface SatRun {
 const RING = ['-C', '256', '-W', '2'];
 /** null-sink.ts options of the optional baselines. */
 const NULL_FLAGS: Partial<Record<Kind, string[]>> = { 'null-hand-off': ['--hand-off'], 'null-raw-h2': ['--raw-h2'] };
-const LABEL: Record<Kind, string> = { null: 'null gRPC sink', 'null-disk': 'null sink + disk writer', 'null-hand-off': 'null sink + hand-off thread', 'null-raw-h2': 'null sink on node:http2 alone', meshcap: 'meshcap serve', broker: 'meshcap serve → broker → collect' };
+const LABEL: Record<Kind, string> = { null: 'null gRPC sink', 'null-disk': 'null sink + disk writer', 'null-hand-off': 'null sink + hand-off thread', 'null-raw-h2': 'null sink on node:http2 alone', meshcap: 'meshcap serve', 'meshcap-h2': 'meshcap serve, node:http2 door', broker: 'meshcap serve → broker → collect' };
 
 function settings(quick: boolean, sidecars?: number): Settings {
   return quick
@@ -144,8 +146,8 @@ async function saturated(kind: Kind, rep: number, s: Settings, profileDir?: stri
       await waitBrokerConnected(server, collect);
     } else {
       server =
-        kind === 'meshcap'
-          ? await MeshcapProc.start({ dir: runDir, args: RING, ...(profileDir ? { cpuProfDir: profileDir } : {}) })
+        kind === 'meshcap' || kind === 'meshcap-h2'
+          ? await MeshcapProc.start({ dir: runDir, args: RING, ...(profileDir ? { cpuProfDir: profileDir } : {}), ...(kind === 'meshcap-h2' ? { env: { MESHCAP_INGEST_H2: '1' } } : {}) })
           : await NullSinkProc.start(runDir, undefined, kind === 'null-disk' ? runDir : undefined, NULL_FLAGS[kind] ?? []);
     }
     const srv = server;
@@ -512,7 +514,7 @@ export async function runE2eBench(o: E2eOptions = {}): Promise<BenchReport> {
       r.exit,
     ];
     for (let rep = 0; rep < s.reps; rep++) {
-      const kinds: Kind[] = ['null', ...(o.handOff ? (['null-hand-off'] as Kind[]) : []), ...(o.rawH2 ? (['null-raw-h2'] as Kind[]) : []), 'null-disk', 'meshcap', 'broker'];
+      const kinds: Kind[] = ['null', ...(o.handOff ? (['null-hand-off'] as Kind[]) : []), ...(o.rawH2 ? (['null-raw-h2'] as Kind[]) : []), 'null-disk', 'meshcap', ...(o.h2Door ? (['meshcap-h2'] as Kind[]) : []), 'broker'];
       const order = rep % 2 === 0 ? kinds : [...kinds].reverse();
       for (const kind of order) {
         const r = await saturated(kind, rep, s, undefined, pki);
@@ -648,6 +650,6 @@ if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) 
   const args = parseArgs(process.argv.slice(2));
   const argv = process.argv.slice(2);
   const profileDir = argv.includes('--profile') ? argv[argv.indexOf('--profile') + 1]! : null;
-  const r = await runE2eBench({ quick: args.quick, json: args.json, profileDir, handOff: argv.includes('--hand-off'), rawH2: argv.includes('--raw-h2') });
+  const r = await runE2eBench({ quick: args.quick, json: args.json, profileDir, handOff: argv.includes('--hand-off'), rawH2: argv.includes('--raw-h2'), h2Door: argv.includes('--h2-door') });
   console.log(`\n${table([['figure', 'value', 'baseline (same run)', 'ratio', 'target'], ...r.summary.map((x) => [x.figure, x.value, x.baseline, x.ratio, x.target])])}`);
 }

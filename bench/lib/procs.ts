@@ -172,6 +172,8 @@ export interface MeshcapOptions {
   cpuProfDir?: string;
   /** Capture file name inside dir. */
   file?: string;
+  /** Extra environment variables for serve. */
+  env?: Record<string, string>;
 }
 
 export interface Exit {
@@ -271,7 +273,7 @@ export class MeshcapProc extends MeshcapChild {
     const file = o.file ?? 'capture.pcapng';
     const node = [...DEPLOYED_NODE_FLAGS, ...(o.cpuProfDir ? ['--cpu-prof', `--cpu-prof-dir=${o.cpuProfDir}`] : [])];
     const args = [...node, MESHCAP_BIN, 'serve', '--grpc-listen', `unix:${path.join(o.dir, 'meshcap.sock')}`, '-w', path.join(o.dir, file), '--metrics-listen', `127.0.0.1:${port}`, '--log-level', 'warn', ...(o.args ?? [])];
-    const child = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'pipe'], cwd: o.dir });
+    const child = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'pipe'], cwd: o.dir, env: { ...process.env, ...o.env } });
     const p = new MeshcapProc(child, port, o.dir, file);
     await p.ready('meshcap serve');
     return p;

@@ -17,6 +17,7 @@ import { PipelineStats } from '../control/stats.js';
 import { framerFor } from '../format/index.js';
 import { AdminTapClient } from '../ingest/admin-tap-client.js';
 import { GrpcTapServer } from '../ingest/grpc-tap-server.js';
+import { H2TapServer } from '../ingest/h2-tap-server.js';
 import { TapDirWatcher } from '../ingest/tap-dir-watcher.js';
 import { UdpTapListener } from '../ingest/udp-tap-listener.js';
 import { Pipeline } from '../pipeline.js';
@@ -124,7 +125,7 @@ export async function serve(argv: string[]): Promise<number> {
   const control = cfg.metricsListen ? new ControlServer(metrics) : null;
   if (control && cfg.metricsListen) await control.listen(cfg.metricsListen);
 
-  const grpc = new GrpcTapServer({ listen: cfg.grpcListen, maxMessageBytes: cfg.maxMessageBytes }, pipeline, stats, log);
+  const grpc = new (process.env.MESHCAP_INGEST_H2 === '1' ? H2TapServer : GrpcTapServer)({ listen: cfg.grpcListen, maxMessageBytes: cfg.maxMessageBytes }, pipeline, stats, log);
   await grpc.start();
   // Doors for stock Envoy: admin /tap clients, UDP sink listeners, file_per_tap directories.
   const udps = cfg.udpListen.map((listen) => new UdpTapListener({ listen }, pipeline, log));

@@ -1,0 +1,227 @@
+/**
+ * StreamTaps on node:http2 directly (EXPERIMENT, MESHCAP_INGEST_H2=1): the same door as
+ * GrpcTapServer without grpc-js in the data path. gRPC's framing is read from the DATA chunks as
+ * they pass (GrpcMessageReader: a view when a message lies in one chunk, else one gather copy),
+ * with no per-message Buffer, promise or stream pause.
+ */
+import fs from 'node:fs';
+import http2 from 'node:http2';
+import zlib from 'node:zlib';
+import type { Logger } from 'pino';
+import type { PipelineStats } from '../control/stats.js';
+import { CONNECTION_WINDOW, STREAM_TAPS_PATHS, STREAM_WINDOW, type GrpcTapServerOptions } from './grpc-tap-server.js';
+import { GrpcMessageReader, type FramingError } from './grpc-message-reader.js';
+import type { StreamIdentity, TapEventHandler } from './tap-event.js';
+import { TraceDecoder, type StreamState } from './trace-decoder.js';
+
+/** gRPC status codes used here. */
+const Status = { OK: 0, DEADLINE_EXCEEDED: 4, RESOURCE_EXHAUSTED: 8, UNIMPLEMENTED: 12, INTERNAL: 13 } as const;
+
+/** The reply to a StreamTaps call: one empty StreamTapsResponse. */
+const EMPTY_MESSAGE = Buffer.alloc(5);
+
+export class H2TapServer {
+  private readonly servers: http2.Http2Server[] = [];
+  private readonly sessions = new Set<http2.ServerHttp2Session>();
+  private readonly decoder: TraceDecoder;
+  private anonymous = 0;
+  readonly bound: string[] = [];
+
+  constructor(
+    private readonly opts: GrpcTapServerOptions,
+    private readonly handler: TapEventHandler,
+    private readonly stats: PipelineStats,
+    private readonly log: Logger,
+  ) {
+    this.decoder = new TraceDecoder(handler);
+  }
+
+  async start(): Promise<void> {
+    for (const target of this.opts.listen) {
+      const server = http2.createServer({
+        settings: { initialWindowSize: STREAM_WINDOW },
+        // What is in flight is bounded by the windows; Node's 10 MB default would refuse them.
+        maxSessionMemory: 64 + (2 * CONNECTION_WINDOW) / 1e6,
+      });
+      server.on('session', (session) => this.onSession(session));
+      server.on('stream', (stream, headers) => this.onStream(stream, headers));
+      const isUnix = target.startsWith('unix:');
+      const sockPath = isUnix ? target.slice('unix:'.length).replace(/^\/\/(?=\/)/, '') : '';
+      if (isUnix) removeStaleSocket(sockPath);
+      const oldMask = isUnix ? process.umask(0o177) : null;
+      try {
+        await new Promise<void>((resolve, reject) => {
+          server.once('error', (err) => reject(new Error(`cannot listen on ${target}: ${err.message}`)));
+          if (isUnix) server.listen(sockPath, resolve);
+          else {
+            const i = target.lastIndexOf(':');
+            server.listen(Number(target.slice(i + 1)), target.slice(0, i).replace(/^\[(.*)\]$/, '$1'), resolve);
+          }
+        });
+      } finally {
+        if (oldMask !== null) process.umask(oldMask);
+      }
+      if (isUnix) fs.chmodSync(sockPath, 0o600);
+      this.servers.push(server);
+      this.bound.push(target);
+    }
+  }
+
+  /** Stops accepting; gives streams a moment to finish (GOAWAY), then cuts them. */
+  async stop(graceMs = 1000): Promise<void> {
+    for (const s of this.servers) s.close();
+    for (const session of this.sessions) session.close();
+    const deadline = Date.now() + graceMs;
+    while (this.sessions.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+    for (const session of this.sessions) session.destroy();
+    for (const target of this.bound) {
+      if (target.startsWith('unix:')) fs.rmSync(target.slice(5), { force: true });
+    }
+  }
+
+  private onSession(session: http2.ServerHttp2Session): void {
+    this.sessions.add(session);
+    session.on('close', () => this.sessions.delete(session));
+    session.on('error', (err) => this.log.debug({ err: err.message }, 'HTTP/2 session error'));
+    const widen = (): void => {
+      try {
+        session.setLocalWindowSize(CONNECTION_WINDOW);
+      } catch (err) {
+        this.log.debug({ err: (err as Error).message }, 'cannot widen HTTP/2 connection window');
+      }
+    };
+    if (session.connecting) session.once('connect', widen);
+    else widen();
+  }
+
+  private onStream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders): void {
+    const path = String(headers[':path']);
+    if (headers[':method'] !== 'POST' || !String(headers['content-type'] ?? '').startsWith('application/grpc')) {
+      stream.respond({ ':status': 415 }, { endStream: true });
+      stream.close();
+      return;
+    }
+    if (!STREAM_TAPS_PATHS.includes(path)) {
+      trailersOnly(stream, Status.UNIMPLEMENTED, `unknown method ${path}`);
+      return;
+    }
+    const version = path.includes('v2alpha') ? 'v2alpha' : 'v3';
+    const encoding = String(headers['grpc-encoding'] ?? 'identity');
+    const session = stream.session;
+    const sock = session?.socket;
+    const peer = sock?.remoteAddress ? `${sock.remoteAddress}:${sock.remotePort}` : `unix:${this.opts.listen.find((l) => l.startsWith('unix:'))?.slice(5) ?? ''}`;
+    const source = 'grpc';
+    const state: StreamState = { identity: null, messages: 0 };
+    const unnamed = (): StreamIdentity => state.identity ?? { nodeId: '', tapId: '', source };
+    const anonymous = (): StreamIdentity => ({ nodeId: `anonymous-${++this.anonymous}`, tapId: '', source });
+    this.stats.grpcStreamsActive++;
+    this.stats.grpcStreamsTotal++;
+    let finished = false;
+    let timer: NodeJS.Timeout | null = null;
+    const finish = (): void => {
+      if (finished) return;
+      finished = true;
+      this.stats.grpcStreamsActive--;
+      if (timer) clearTimeout(timer);
+      this.log.info({ peer, version, node: state.identity?.nodeId, tap_id: state.identity?.tapId, messages: state.messages }, 'tap stream ended');
+    };
+    const fail = (code: number, reason: 'message_too_large' | 'stream_aborted' | 'malformed_protobuf', detail: string): void => {
+      this.handler.onIngestError(unnamed(), reason, `tap stream from ${peer}: ${detail}`);
+      trailersOnly(stream, code, detail);
+      finish();
+    };
+
+    const onMessage = (message: Buffer, compressed: boolean): void => {
+      if (compressed) {
+        const inflated = this.inflate(message, encoding);
+        if (typeof inflated === 'string') {
+          fail(inflated.startsWith('unsupported') ? Status.UNIMPLEMENTED : Status.INTERNAL, 'malformed_protobuf', inflated);
+          return;
+        }
+        message = inflated;
+      }
+      this.handler.onIngestMessage(source, message.length);
+      const first = state.identity === null;
+      this.decoder.decodeStreamTapsRequest(message, state, source, anonymous);
+      if (first && state.identity) this.log.info({ peer, version, node: state.identity.nodeId, tap_id: state.identity.tapId }, 'tap stream started');
+    };
+    const onFramingError = (err: FramingError): void => {
+      if (err.kind === 'too_large') {
+        fail(Status.RESOURCE_EXHAUSTED, 'message_too_large', `message of ${err.size} bytes is over --max-message-size (${this.opts.maxMessageBytes} bytes)`);
+      } else {
+        fail(Status.INTERNAL, 'stream_aborted', `the request ended inside a message (${err.missing} bytes missing)`);
+      }
+    };
+    const reader = new GrpcMessageReader(this.opts.maxMessageBytes, onMessage, onFramingError);
+    const deadline = grpcTimeout(headers['grpc-timeout']);
+    if (deadline !== null) {
+      timer = setTimeout(() => fail(Status.DEADLINE_EXCEEDED, 'stream_aborted', 'deadline exceeded'), deadline);
+      timer.unref();
+    }
+
+    stream.on('data', (chunk: Buffer) => {
+      if (!finished) reader.push(chunk);
+    });
+    stream.on('end', () => {
+      if (finished) return;
+      reader.end();
+      if (finished) return;
+      finish();
+      stream.respond({ ':status': 200, 'content-type': 'application/grpc' }, { waitForTrailers: true });
+      stream.once('wantTrailers', () => stream.sendTrailers({ 'grpc-status': String(Status.OK) }));
+      stream.end(EMPTY_MESSAGE);
+    });
+    stream.on('aborted', () => {
+      if (!finished) this.handler.onIngestError(unnamed(), 'stream_aborted', `tap stream from ${peer} ended without a clean close: the client went away`);
+      finish();
+    });
+    stream.on('error', (err) => {
+      if (!finished) this.handler.onIngestError(unnamed(), 'stream_aborted', `tap stream from ${peer}: ${err.message}`);
+      finish();
+    });
+    stream.on('close', () => {
+      if (!finished) {
+        this.handler.onIngestError(unnamed(), 'stream_aborted', `tap stream from ${peer} closed before it ended`);
+        finish();
+      }
+    });
+  }
+
+  /** A compressed message, inflated (bounded by the message limit), or why it cannot be. */
+  private inflate(message: Buffer, encoding: string): Buffer | string {
+    const opts = { maxOutputLength: this.opts.maxMessageBytes };
+    try {
+      if (encoding === 'gzip') return zlib.gunzipSync(message, opts);
+      if (encoding === 'deflate') return zlib.inflateSync(message, opts);
+    } catch (err) {
+      return `cannot decompress a ${encoding} message: ${(err as Error).message}`;
+    }
+    return encoding === 'identity' ? 'a message is flagged compressed but the stream has no grpc-encoding' : `unsupported grpc-encoding "${encoding}"`;
+  }
+}
+
+/** Ends a call with only trailers (the gRPC "Trailers-Only" response), then the stream. */
+function trailersOnly(stream: http2.ServerHttp2Stream, code: number, message: string): void {
+  if (stream.closed || stream.destroyed) return;
+  if (!stream.headersSent) {
+    stream.respond({ ':status': 200, 'content-type': 'application/grpc', 'grpc-status': String(code), 'grpc-message': encodeURIComponent(message) }, { endStream: true });
+  }
+  stream.close(http2.constants.NGHTTP2_NO_ERROR);
+}
+
+/** The grpc-timeout header ("100m", "5S") in ms, or null without one. */
+function grpcTimeout(h: string | string[] | undefined): number | null {
+  const m = typeof h === 'string' ? /^(\d{1,8})([HMSmun])$/.exec(h) : null;
+  if (!m) return null;
+  const unitMs = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 1e-3, n: 1e-6 }[m[2] as 'H'];
+  return Math.max(1, Number(m[1]) * unitMs);
+}
+
+/** A socket file left by a previous run that nobody listens on any more. */
+function removeStaleSocket(p: string): void {
+  try {
+    if (fs.statSync(p).isSocket()) fs.rmSync(p);
+  } catch {
+    /* absent */
+  }
+}
