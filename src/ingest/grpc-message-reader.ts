@@ -9,7 +9,10 @@
  */
 
 /** Why a request's framing was refused; the reader stops after it. */
-export type FramingError = { kind: 'too_large'; size: number } | { kind: 'truncated'; missing: number };
+export type FramingError =
+  | { kind: 'too_large'; size: number }
+  /** The request ended inside a message: `missing` bytes of its prefix, or of its body. */
+  | { kind: 'truncated'; inPrefix: boolean; missing: number };
 
 /** Buffers above this are dropped after their message, so one huge message does not pin memory. */
 const KEEP_BYTES = 1024 * 1024;
@@ -85,7 +88,8 @@ export class GrpcMessageReader {
   end(): void {
     if (this.failed || this.prefixHave === 0) return;
     this.failed = true;
-    this.onError({ kind: 'truncated', missing: this.prefixHave < 5 ? 5 - this.prefixHave + this.size : this.left });
+    const inPrefix = this.prefixHave < 5;
+    this.onError({ kind: 'truncated', inPrefix, missing: inPrefix ? 5 - this.prefixHave : this.left });
   }
 
   private deliver(message: Buffer): void {

@@ -65,6 +65,7 @@ export class H2TapServer {
       this.servers.push(server);
       this.bound.push(target);
     }
+    this.log.info({ listen: this.bound }, 'StreamTaps door on node:http2 (experimental, MESHCAP_INGEST_H2=1)');
   }
 
   /** Stops accepting; gives streams a moment to finish (GOAWAY), then cuts them. */
@@ -147,9 +148,9 @@ export class H2TapServer {
     };
     const onFramingError = (err: FramingError): void => {
       if (err.kind === 'too_large') {
-        fail(Status.RESOURCE_EXHAUSTED, 'message_too_large', `message of ${err.size} bytes is over --max-message-size (${this.opts.maxMessageBytes} bytes)`);
+        fail(Status.RESOURCE_EXHAUSTED, 'message_too_large', `message larger than max (${err.size} vs ${this.opts.maxMessageBytes} bytes, --max-message-size)`);
       } else {
-        fail(Status.INTERNAL, 'stream_aborted', `the request ended inside a message (${err.missing} bytes missing)`);
+        fail(Status.INTERNAL, 'stream_aborted', `the request ended inside a message (${err.missing} bytes of its ${err.inPrefix ? 'length prefix' : 'body'} missing)`);
       }
     };
     const reader = new GrpcMessageReader(this.opts.maxMessageBytes, onMessage, onFramingError);

@@ -10,8 +10,9 @@ import fs from 'node:fs';
 import http2 from 'node:http2';
 import net from 'node:net';
 import path from 'node:path';
+import zlib from 'node:zlib';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { encodeRequests, streamTaps, STREAM_TAPS_PATH, type StreamTapsResult } from '../helpers/envoy-grpc-client.js';
+import { encodeRequests, streamTaps, STREAM_TAPS_PATH, STREAM_TAPS_PATH_V2, type StreamTapsResult } from '../helpers/envoy-grpc-client.js';
 import {
   CLI_BUILT,
   expectedHttp2Info,
@@ -81,6 +82,61 @@ function eventSeg(traceId: number, ev: { t: number; kind: 'read' | 'write' | 'cl
 /** Printable filler (never mistaken for HTTP/2) of a given length. */
 const filler = (n: number, c = 'b') => Buffer.alloc(n, c);
 
+/** One gRPC message on the wire: compressed flag, big-endian length, bytes. */
+function grpcFrame(body: Buffer, compressed: boolean): Buffer {
+  const prefix = Buffer.alloc(5);
+  prefix[0] = compressed ? 1 : 0;
+  prefix.writeUInt32BE(body.length, 1);
+  return Buffer.concat([prefix, body]);
+}
+
+interface RawCallResult {
+  status: number;
+  grpcStatus: string;
+  grpcMessage: string;
+  data: Buffer;
+}
+
+/**
+ * A StreamTaps call made by hand over HTTP/2 (h2c on the Unix socket), for what grpc-js's client
+ * will not send: chosen headers, gzip'd frames, a stream left open for the server's deadline.
+ */
+async function rawCall(sock: string, headers: http2.OutgoingHttpHeaders, body: Buffer, end = true): Promise<RawCallResult> {
+  const session = http2.connect('http://localhost', { createConnection: () => net.connect(sock) });
+  session.on('error', () => {});
+  try {
+    return await new Promise<RawCallResult>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`no answer to ${JSON.stringify(headers)} in 5 s`)), 5000);
+      const req = session.request({ ':method': 'POST', 'content-type': 'application/grpc', te: 'trailers', ...headers });
+      const r: RawCallResult = { status: 0, grpcStatus: '', grpcMessage: '', data: Buffer.alloc(0) };
+      const data: Buffer[] = [];
+      const status = (h: http2.IncomingHttpHeaders): void => {
+        if (h['grpc-status'] !== undefined) r.grpcStatus = String(h['grpc-status']);
+        if (h['grpc-message'] !== undefined) r.grpcMessage = decodeURIComponent(String(h['grpc-message']));
+      };
+      req.on('response', (h) => {
+        r.status = Number(h[':status']);
+        status(h);
+      });
+      req.on('trailers', status);
+      req.on('data', (c: Buffer) => data.push(c));
+      req.on('error', () => {});
+      // The server's side ends with its trailers, whether or not the request was ended.
+      const done = (): void => {
+        clearTimeout(timer);
+        r.data = Buffer.concat(data);
+        resolve(r);
+      };
+      req.on('end', done);
+      req.on('close', done);
+      if (end) req.end(body);
+      else req.write(body);
+    });
+  } finally {
+    session.destroy();
+  }
+}
+
 // --- one server per test ---------------------------------------------------------------------
 
 interface Env {
@@ -104,6 +160,7 @@ async function startEnv(extra: string[] = []): Promise<Env> {
     args: ['--grpc-listen', `unix:${sock}`, '-w', out, '--metrics-listen', `127.0.0.1:${port}`, '--flush-interval', '100', ...extra],
     cwd: dir,
     socket: sock,
+    env: doorEnv,
   });
   return { dir, sock, target: `unix:${sock}`, out, port, proc };
 }
@@ -151,7 +208,20 @@ async function stopAndCheckGood(env: Env): Promise<void> {
 const ERRORS = 'meshcap_ingest_errors_total';
 const grpcReason = (reason: string) => ({ source: 'grpc', reason });
 
-describe.skipIf(!CLI_BUILT)('meshcap serve: bad input next to a good stream', () => {
+/**
+ * Every case runs against both StreamTaps doors: grpc-js (the default) and the experimental one on
+ * node:http2 (MESHCAP_INGEST_H2=1, src/ingest/h2-tap-server.ts), which must behave the same.
+ */
+const DOORS: Array<[string, Record<string, string>]> = [
+  ['grpc-js', {}],
+  ['node:http2', { MESHCAP_INGEST_H2: '1' }],
+];
+let doorEnv: Record<string, string> = {};
+
+describe.skipIf(!CLI_BUILT).each(DOORS)('meshcap serve (%s door): bad input next to a good stream', (door, env) => {
+  beforeAll(() => {
+    doorEnv = env;
+  });
   it('malformed protobuf (random bytes, truncated message) is counted, the bad stream carries on', async () => {
     const env = await startEnv();
     const valid = encodeRequests([
@@ -256,12 +326,13 @@ describe.skipIf(!CLI_BUILT)('meshcap serve: bad input next to a good stream', ()
     const [big] = encodeRequests([eventSeg(11, { t: 5, kind: 'read', data: Buffer.alloc(64 * 1024 * 1024, 0x61), seq: 1 })]);
     expect(big!.length).toBeGreaterThan(64 * 1024 * 1024);
     const res: StreamTapsResult = await withGoodStream(env, () => streamTaps(env.target, [first!, big!]));
-    expect(res.code, res.details).toBe(8); // RESOURCE_EXHAUSTED, from grpc-js's own size check
+    expect(res.code, res.details).toBe(8); // RESOURCE_EXHAUSTED, from the door's size check
     expect(res.details).toMatch(/larger than max/);
-    // grpc-js ends the call itself; meshcap sees it as a cancelled stream. Accept either label
-    // (message_too_large is the precise one), but it must be counted and logged under it.
+    // grpc-js ends the call itself and meshcap sees a cancelled stream; the node:http2 door says
+    // message_too_large. Accept either label, but it must be counted and logged under it.
     const m = await waitForMetrics(env.port, (mm) => metricValue(mm, ERRORS, grpcReason('message_too_large')) + metricValue(mm, ERRORS, grpcReason('stream_aborted')) >= 1);
     const reason = metricValue(m, ERRORS, grpcReason('message_too_large')) > 0 ? 'message_too_large' : 'stream_aborted';
+    if (door === 'node:http2') expect(reason).toBe('message_too_large');
     expect(metricValue(m, ERRORS, grpcReason(reason)), env.proc.stderr()).toBe(1);
     expect(env.proc.alive()).toBe(true);
     await expectWarn(env, reason);
@@ -289,6 +360,32 @@ describe.skipIf(!CLI_BUILT)('meshcap serve: bad input next to a good stream', ()
     await expectCounted(env, ERRORS, grpcReason('stream_aborted'), 1);
     await expectWarn(env, 'stream_aborted');
     await stopAndCheckGood(env);
+  });
+
+  it('speaks gRPC as Envoy expects: v2alpha path, gzip messages, unknown method, wrong content-type, deadline', async () => {
+    const env = await startEnv();
+    // The frozen v2alpha path, its messages gzip-compressed (grpc-encoding: gzip, flag 1).
+    const msgs = encodeRequests([connSeg(21, 40021, true), eventSeg(21, { t: 7, kind: 'read', data: filler(3000), seq: 1 }), eventSeg(21, { t: 7.1, kind: 'closed' })]);
+    const gz = Buffer.concat(msgs.map((m) => grpcFrame(zlib.gzipSync(m), true)));
+    const v2 = await rawCall(env.sock, { ':path': STREAM_TAPS_PATH_V2, 'grpc-encoding': 'gzip' }, gz);
+    expect(v2, 'gzip on v2alpha').toMatchObject({ status: 200, grpcStatus: '0', data: Buffer.alloc(5) });
+    // A method that does not exist.
+    const nope = await rawCall(env.sock, { ':path': '/envoy.service.tap.v3.TapSinkService/Nope' }, grpcFrame(msgs[0]!, false));
+    expect(nope).toMatchObject({ status: 200, grpcStatus: '12' });
+    // Not gRPC at all.
+    const json = await rawCall(env.sock, { ':path': STREAM_TAPS_PATH, 'content-type': 'application/json' }, Buffer.from('{}'));
+    expect(json.status).toBe(415);
+    // A deadline the server must enforce on a stream left open (grpc-timeout: 300 ms).
+    const late = await rawCall(env.sock, { ':path': STREAM_TAPS_PATH, 'grpc-timeout': '300m' }, grpcFrame(encodeRequests([connSeg(22, 40022, true)])[0]!, false), false);
+    expect(late.grpcStatus).toBe('4');
+    await expectCounted(env, ERRORS, grpcReason('stream_aborted'), 1);
+    await withGoodStream(env, async () => {});
+    await stopAndCheckGood(env);
+    // The gzip'd stream made its whole connection: handshake, 3000 bytes, teardown.
+    const b = await tsharkFields(env.out, ['tcp.len'], { filter: 'tcp.port==40021 && tcp.len > 0' });
+    expect(b.map((r) => Number(r[0])).reduce((a, x) => a + x, 0)).toBe(3000);
+    const fin = await tsharkFields(env.out, ['frame.number'], { filter: 'tcp.port==40021 && tcp.flags.fin==1' });
+    expect(fin.length).toBe(2);
   });
 
   it('a seq_num gap is counted as envoy_seq_gap and visible in the capture (comment + lost segment)', async () => {

@@ -4,11 +4,13 @@
  *
  * The recordings and recasts of real-traffic.test.ts (tcpdump on loopback: HTTP/1.1 with large
  * bodies, h2c, gRPC, IPv6 with SocketEvents batches, 50 concurrent connections) are made once and
- * sent, split over the same six emulated Envoys, through four doors of four `meshcap serve`
+ * sent, split over the same six emulated Envoys, through five doors of five `meshcap serve`
  * processes running side by side (`--grpc-listen unix:… --metrics-listen off -w OUT
  * --flush-interval 100` plus):
  *
  *  - grpc:  the StreamTaps path of real-traffic.test.ts, the reference;
+ *  - grpc-h2: the same streams into the experimental StreamTaps door on node:http2
+ *           (MESHCAP_INGEST_H2=1) instead of grpc-js;
  *  - admin: `--envoy-admin` × 6 against emulated Envoy admin endpoints streaming pretty JSON
  *           TraceWrappers (JSON_BODY_AS_BYTES) in chunks of arbitrary sizes; two of them end the
  *           stream part-way (one inside an object, one between objects) and answer the re-attach
@@ -64,7 +66,9 @@ const ENABLED = CLI_BUILT && canCapture();
 /** Ports 27400.. (real-traffic.test.ts uses 27200.., the harness 27100..). */
 const BASE_PORT = 27400;
 const SCENARIOS: ScenarioName[] = ['http1-large', 'h2c', 'grpc', 'ipv6', 'many'];
-const DOORS = ['grpc', 'admin', 'udp', 'watch'] as const;
+const DOORS = ['grpc', 'grpc-h2', 'admin', 'udp', 'watch'] as const;
+/** The StreamTaps doors: fed by streamTaps; done when the calls end. */
+const GRPC_DOORS: ReadonlySet<string> = new Set(['grpc', 'grpc-h2']);
 type Door = (typeof DOORS)[number];
 const CONFIG_ID = 'meshcap_inbound';
 
@@ -134,6 +138,7 @@ describe.skipIf(!ENABLED)('e2e: real traffic → stock-Envoy doors (admin /tap, 
   let streams: TapStream[] = [];
   const doors = new Map<Door, DoorRun>();
   let grpcResults: StreamTapsResult[] = [];
+  let h2Results: StreamTapsResult[] = [];
   const admins = new Map<string, EmulatedEnvoyAdmin>();
   const adminFeeds = new Map<string, AdminFeedResult>();
   const adminObjects = new Map<string, number>();
@@ -197,6 +202,7 @@ describe.skipIf(!ENABLED)('e2e: real traffic → stock-Envoy doors (admin /tap, 
     fs.mkdirSync(watchDir);
     const doorArgs: Record<Door, string[]> = {
       grpc: [],
+      'grpc-h2': [],
       admin: [...[...admins.values()].flatMap((e) => ['--envoy-admin', e.url]), '--tap-config-id', CONFIG_ID],
       udp: ['--udp-listen', `127.0.0.1:${udpPort}`],
       watch: ['--watch', watchDir],
@@ -209,6 +215,7 @@ describe.skipIf(!ENABLED)('e2e: real traffic → stock-Envoy doors (admin /tap, 
         doors.get(door)!.proc = await startServe({
           args: ['--grpc-listen', `unix:${sock}`, '--metrics-listen', 'off', '-w', out, '--flush-interval', '100', ...doorArgs[door]],
           socket: sock,
+          ...(door === 'grpc-h2' ? { env: { MESHCAP_INGEST_H2: '1' } } : {}),
         });
       }),
     );
@@ -216,8 +223,8 @@ describe.skipIf(!ENABLED)('e2e: real traffic → stock-Envoy doors (admin /tap, 
 
     // 4. Feed every door at once.
     const feedGrpc = async () => {
-      const sock = path.join(dir, 'grpc.sock');
-      grpcResults = await Promise.all(streams.map((s) => streamTaps(`unix:${sock}`, encodeRequests(s.messages.map((m) => m.msg)), { deadlineMs: 60_000 })));
+      const feed = (door: Door) => Promise.all(streams.map((s) => streamTaps(`unix:${path.join(dir, `${door}.sock`)}`, encodeRequests(s.messages.map((m) => m.msg)), { deadlineMs: 60_000 })));
+      [grpcResults, h2Results] = await Promise.all([feed('grpc'), feed('grpc-h2')]);
     };
     const feedAdmins = async () => {
       await Promise.all(
@@ -286,7 +293,7 @@ describe.skipIf(!ENABLED)('e2e: real traffic → stock-Envoy doors (admin /tap, 
     await Promise.all(
       DOORS.map(async (door) => {
         const d = doors.get(door)!;
-        if (door !== 'grpc') d.finsBeforeStop = await waitForFins(`${d.out}.part`, 2 * totalConnections, 30_000);
+        if (!GRPC_DOORS.has(door)) d.finsBeforeStop = await waitForFins(`${d.out}.part`, 2 * totalConnections, 30_000);
         d.stop = await d.proc!.stop('SIGTERM', 20_000);
         lap(`${door} stopped`);
       }),
@@ -325,6 +332,8 @@ describe.skipIf(!ENABLED)('e2e: real traffic → stock-Envoy doors (admin /tap, 
   it('the doors were exercised the way the issue asks', () => {
     // gRPC reference: every stream accepted.
     expect(grpcResults.map((r) => r.code), doors.get('grpc')!.proc!.stderr()).toEqual(streams.map(() => 0));
+    expect(h2Results.map((r) => r.code), doors.get('grpc-h2')!.proc!.stderr()).toEqual(streams.map(() => 0));
+    expect(doors.get('grpc-h2')!.proc!.logs.some((l) => /door on node:http2/.test(l.msg))).toBe(true);
     // Admin: six Envoys, two streams ended part-way and re-attached after one 400 each.
     for (const [node, feed] of adminFeeds) {
       const cut = ADMIN_CUTS[node];
@@ -357,7 +366,7 @@ describe.skipIf(!ENABLED)('e2e: real traffic → stock-Envoy doors (admin /tap, 
         const d = doors.get(door)!;
         const logs = d.proc!.stderr();
         expect({ code: d.stop!.code, signal: d.stop!.signal }, logs).toEqual({ code: 0, signal: null });
-        if (door !== 'grpc') expect(d.finsBeforeStop, logs).toBe(2 * totalConnections);
+        if (!GRPC_DOORS.has(door)) expect(d.finsBeforeStop, logs).toBe(2 * totalConnections);
         const cap = readCaptureFile(d.out);
         expect(cap.format).toBe('pcapng');
         expect(cap.packets.length).toBeGreaterThan(0);
@@ -368,6 +377,7 @@ describe.skipIf(!ENABLED)('e2e: real traffic → stock-Envoy doors (admin /tap, 
         const d = doors.get(door)!;
         const expected: Record<Door, string[]> = {
           grpc: [],
+          'grpc-h2': [],
           // The stream ended inside an object (reported as malformed JSON once), the 400, the end of stream.
           admin: ['already_attached', 'malformed_json', 'stream_ended'],
           // Envoy's +1 ns per piece can put a piece after the next event's time: meshcap keeps time monotonic.
