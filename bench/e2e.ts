@@ -71,8 +71,12 @@ export interface E2eOptions {
    * costs without the library. Not in `npm run bench`.
    */
   rawH2?: boolean;
-  /** Also run meshcap serve with the node:http2 door (MESHCAP_INGEST_H2=1). */
+  /** Also run meshcap serve with the experimental node:http2 door (MESHCAP_INGEST_H2=1). Not in `npm run bench`. */
   h2Door?: boolean;
+  /** Saturated repetitions (default: 2, or 1 with quick): more for an A/B series on a noisy host. */
+  reps?: number;
+  /** Run only these kinds of saturated runs (e.g. null, meshcap, meshcap-h2); default all. */
+  only?: string[];
 }
 
 interface Settings {
@@ -119,7 +123,8 @@ interface SatRun {
   };
 }
 
-const RING = ['-C', '256', '-W', '2'];
+/** serve's ring, plus any extra serve flags for an A/B (MESHCAP_BENCH_SERVE_ARGS="--buffer-size 128"). */
+const RING = ['-C', '256', '-W', '2', ...(process.env.MESHCAP_BENCH_SERVE_ARGS?.split(' ').filter(Boolean) ?? [])];
 /** null-sink.ts options of the optional baselines. */
 const NULL_FLAGS: Partial<Record<Kind, string[]>> = { 'null-hand-off': ['--hand-off'], 'null-raw-h2': ['--raw-h2'] };
 const LABEL: Record<Kind, string> = { null: 'null gRPC sink', 'null-disk': 'null sink + disk writer', 'null-hand-off': 'null sink + hand-off thread', 'null-raw-h2': 'null sink on node:http2 alone', meshcap: 'meshcap serve', 'meshcap-h2': 'meshcap serve, node:http2 door', broker: 'meshcap serve → broker → collect' };
@@ -457,6 +462,7 @@ const med = (xs: number[]) => {
 export async function runE2eBench(o: E2eOptions = {}): Promise<BenchReport> {
   const log = o.log ?? ((l: string) => console.log(l));
   const s = settings(o.quick ?? false, o.sidecars);
+  if (o.reps) s.reps = o.reps;
   await selfCheck();
   const started = Date.now();
   const runs: SatRun[] = [];
@@ -514,7 +520,9 @@ export async function runE2eBench(o: E2eOptions = {}): Promise<BenchReport> {
       r.exit,
     ];
     for (let rep = 0; rep < s.reps; rep++) {
-      const kinds: Kind[] = ['null', ...(o.handOff ? (['null-hand-off'] as Kind[]) : []), ...(o.rawH2 ? (['null-raw-h2'] as Kind[]) : []), 'null-disk', 'meshcap', ...(o.h2Door ? (['meshcap-h2'] as Kind[]) : []), 'broker'];
+      const kinds = (['null', ...(o.handOff ? (['null-hand-off'] as Kind[]) : []), ...(o.rawH2 ? (['null-raw-h2'] as Kind[]) : []), 'null-disk', 'meshcap', ...(o.h2Door ? (['meshcap-h2'] as Kind[]) : []), 'broker'] as Kind[]).filter(
+        (k) => !o.only || o.only.includes(k),
+      );
       const order = rep % 2 === 0 ? kinds : [...kinds].reverse();
       for (const kind of order) {
         const r = await saturated(kind, rep, s, undefined, pki);
@@ -574,6 +582,7 @@ export async function runE2eBench(o: E2eOptions = {}): Promise<BenchReport> {
   const handOffs = runs.filter((r) => r.kind === 'null-hand-off');
   const raws = runs.filter((r) => r.kind === 'null-raw-h2');
   const mc = runs.filter((r) => r.kind === 'meshcap');
+  const h2 = runs.filter((r) => r.kind === 'meshcap-h2');
   const br = runs.filter((r) => r.kind === 'broker');
   const delivered = med(br.map((r) => r.capturedMBps));
   const nullMBps = med(nulls.map((r) => r.ingestMBps));
@@ -602,6 +611,13 @@ export async function runE2eBench(o: E2eOptions = {}): Promise<BenchReport> {
             ratio: '',
             target: '',
           },
+        ]
+      : []),
+    ...(h2.length
+      ? [
+          { bench: 'e2e', figure: 'experimental node:http2 door: payload ingested (MB/s)', value: fmt(med(h2.map((r) => r.ingestMBps)), 0), baseline: `null gRPC sink ${fmt(nullMBps, 0)}`, ratio: pct(med(h2.map((r) => r.ingestMBps)), nullMBps), target: '' },
+          { bench: 'e2e', figure: 'experimental node:http2 door: payload captured to disk (MB/s)', value: fmt(med(h2.map((r) => r.capturedMBps)), 0), baseline: `null gRPC sink ${fmt(nullMBps, 0)}`, ratio: pct(med(h2.map((r) => r.capturedMBps)), nullMBps), target: '' },
+          { bench: 'e2e', figure: 'main thread per MB: meshcap on grpc-js, on node:http2 (ms)', value: `${fmt(msPerMB(mc), 2)} / ${fmt(msPerMB(h2), 2)}`, baseline: `null gRPC sink ${fmt(msPerMB(nulls), 2)}`, ratio: '', target: '' },
         ]
       : []),
     { bench: 'e2e', figure: 'packets dropped at saturation (share)', value: `${fmt(100 * med(mc.map((r) => r.dropShare)), 1)}%`, baseline: '', ratio: '', target: '' },
@@ -650,6 +666,9 @@ if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) 
   const args = parseArgs(process.argv.slice(2));
   const argv = process.argv.slice(2);
   const profileDir = argv.includes('--profile') ? argv[argv.indexOf('--profile') + 1]! : null;
-  const r = await runE2eBench({ quick: args.quick, json: args.json, profileDir, handOff: argv.includes('--hand-off'), rawH2: argv.includes('--raw-h2'), h2Door: argv.includes('--h2-door') });
+  const r = await runE2eBench({ quick: args.quick, json: args.json, profileDir, handOff: argv.includes('--hand-off'), rawH2: argv.includes('--raw-h2'), h2Door: argv.includes('--h2-door'),
+    reps: argv.includes('--reps') ? Number(argv[argv.indexOf('--reps') + 1]) : undefined,
+    only: argv.includes('--only') ? argv[argv.indexOf('--only') + 1]!.split(',') : undefined,
+  });
   console.log(`\n${table([['figure', 'value', 'baseline (same run)', 'ratio', 'target'], ...r.summary.map((x) => [x.figure, x.value, x.baseline, x.ratio, x.target])])}`);
 }

@@ -125,6 +125,7 @@ export async function serve(argv: string[]): Promise<number> {
   const control = cfg.metricsListen ? new ControlServer(metrics) : null;
   if (control && cfg.metricsListen) await control.listen(cfg.metricsListen);
 
+  // The experimental node:http2 door replaces grpc-js's when asked for (README, Performance).
   const grpc = new (process.env.MESHCAP_INGEST_H2 === '1' ? H2TapServer : GrpcTapServer)({ listen: cfg.grpcListen, maxMessageBytes: cfg.maxMessageBytes }, pipeline, stats, log);
   await grpc.start();
   // Doors for stock Envoy: admin /tap clients, UDP sink listeners, file_per_tap directories.

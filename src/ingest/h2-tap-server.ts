@@ -1,8 +1,19 @@
 /**
- * StreamTaps on node:http2 directly (EXPERIMENT, MESHCAP_INGEST_H2=1): the same door as
- * GrpcTapServer without grpc-js in the data path. gRPC's framing is read from the DATA chunks as
- * they pass (GrpcMessageReader: a view when a message lies in one chunk, else one gather copy),
- * with no per-message Buffer, promise or stream pause.
+ * StreamTaps on node:http2 directly (experimental, off by default: MESHCAP_INGEST_H2=1): the same
+ * door as GrpcTapServer, same paths, statuses, compression and counters, without grpc-js in the
+ * data path.
+ *
+ * Why: grpc-js copies every message into a fresh Buffer and pauses the stream and runs a promise
+ * per message; at saturation that is about a quarter of the ingest thread's time per MB
+ * (bench/README.md, section 2). Here gRPC's framing is read from the DATA chunks as they pass
+ * (GrpcMessageReader: a view when a message lies in one chunk, else one copy into a reused buffer).
+ * grpc-js stays the default because it is the design card's library; this door exists so that the
+ * choice can be made on measurements, and the e2e tests hold both doors to the same behaviour.
+ *
+ * A call: POST with content-type application/grpc (else HTTP 415), one of STREAM_TAPS_PATHS (else
+ * UNIMPLEMENTED), messages decoded as they complete, an empty StreamTapsResponse and grpc-status 0
+ * when Envoy half-closes. A message over the limit ends the call with RESOURCE_EXHAUSTED, a
+ * grpc-timeout that passes with DEADLINE_EXCEEDED, both counted; other streams carry on.
  */
 import fs from 'node:fs';
 import http2 from 'node:http2';
@@ -44,7 +55,7 @@ export class H2TapServer {
         maxSessionMemory: 64 + (2 * CONNECTION_WINDOW) / 1e6,
       });
       server.on('session', (session) => this.onSession(session));
-      server.on('stream', (stream, headers) => this.onStream(stream, headers));
+      server.on('stream', (stream, headers) => this.onStream(stream, headers, target));
       const isUnix = target.startsWith('unix:');
       const sockPath = isUnix ? target.slice('unix:'.length).replace(/^\/\/(?=\/)/, '') : '';
       if (isUnix) removeStaleSocket(sockPath);
@@ -95,7 +106,8 @@ export class H2TapServer {
     else widen();
   }
 
-  private onStream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders): void {
+  /** One request on the listener `target`. */
+  private onStream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders, target: string): void {
     const path = String(headers[':path']);
     if (headers[':method'] !== 'POST' || !String(headers['content-type'] ?? '').startsWith('application/grpc')) {
       stream.respond({ ':status': 415 }, { endStream: true });
@@ -108,9 +120,9 @@ export class H2TapServer {
     }
     const version = path.includes('v2alpha') ? 'v2alpha' : 'v3';
     const encoding = String(headers['grpc-encoding'] ?? 'identity');
-    const session = stream.session;
-    const sock = session?.socket;
-    const peer = sock?.remoteAddress ? `${sock.remoteAddress}:${sock.remotePort}` : `unix:${this.opts.listen.find((l) => l.startsWith('unix:'))?.slice(5) ?? ''}`;
+    // A TCP client by its address; on a Unix socket, the socket (as grpc-js names such peers).
+    const sock = stream.session?.socket;
+    const peer = sock?.remoteAddress ? `${sock.remoteAddress}:${sock.remotePort}` : target;
     const source = 'grpc';
     const state: StreamState = { identity: null, messages: 0 };
     const unnamed = (): StreamIdentity => state.identity ?? { nodeId: '', tapId: '', source };

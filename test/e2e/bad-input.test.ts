@@ -388,6 +388,16 @@ describe.skipIf(!CLI_BUILT).each(DOORS)('meshcap serve (%s door): bad input next
     expect(fin.length).toBe(2);
   });
 
+  it('also listens on TCP (127.0.0.1:PORT beside the Unix socket) and logs the peer', async () => {
+    const tcp = await freePort();
+    const env = await startEnv(['--grpc-listen', `127.0.0.1:${tcp}`]);
+    const res = await streamTaps(`127.0.0.1:${tcp}`, GOOD);
+    expect(res.code, res.details).toBe(0);
+    const started = await env.proc.waitForLog((l) => l.msg === 'tap stream started', 3000);
+    expect(String(started.peer)).toMatch(/^(ipv4:)?127\.0\.0\.1:\d+$/);
+    await stopAndCheckGood(env);
+  });
+
   it('a seq_num gap is counted as envoy_seq_gap and visible in the capture (comment + lost segment)', async () => {
     const env = await startEnv();
     // Envoy's seq_num: one counter per connection across both directions. The read of 500 bytes
