@@ -220,7 +220,7 @@ export class GrpcTapServer {
 }
 
 /** A socket file left by a previous run that nobody listens on any more. */
-function removeStaleSocket(p: string): void {
+export function removeStaleSocket(p: string): void {
   try {
     if (fs.statSync(p).isSocket()) fs.rmSync(p);
   } catch {

@@ -20,7 +20,7 @@ import http2 from 'node:http2';
 import zlib from 'node:zlib';
 import type { Logger } from 'pino';
 import type { PipelineStats } from '../control/stats.js';
-import { CONNECTION_WINDOW, STREAM_TAPS_PATHS, STREAM_WINDOW, type GrpcTapServerOptions } from './grpc-tap-server.js';
+import { CONNECTION_WINDOW, removeStaleSocket, STREAM_TAPS_PATHS, STREAM_WINDOW, type GrpcTapServerOptions } from './grpc-tap-server.js';
 import { GrpcMessageReader, type FramingError } from './grpc-message-reader.js';
 import type { StreamIdentity, TapEventHandler } from './tap-event.js';
 import { TraceDecoder, type StreamState } from './trace-decoder.js';
@@ -145,6 +145,8 @@ export class H2TapServer {
     };
 
     const onMessage = (message: Buffer, compressed: boolean): void => {
+      // A chunk can hold messages after one that ended the call.
+      if (finished) return;
       if (compressed) {
         const inflated = this.inflate(message, encoding);
         if (typeof inflated === 'string') {
@@ -222,19 +224,14 @@ function trailersOnly(stream: http2.ServerHttp2Stream, code: number, message: st
   stream.close(http2.constants.NGHTTP2_NO_ERROR);
 }
 
-/** The grpc-timeout header ("100m", "5S") in ms, or null without one. */
+/** Longest delay setTimeout takes (Node fires longer ones at once). */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/** The grpc-timeout header ("100m", "5S") in ms, or null without one (or beyond any timer). */
 function grpcTimeout(h: string | string[] | undefined): number | null {
   const m = typeof h === 'string' ? /^(\d{1,8})([HMSmun])$/.exec(h) : null;
   if (!m) return null;
   const unitMs = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 1e-3, n: 1e-6 }[m[2] as 'H'];
-  return Math.max(1, Number(m[1]) * unitMs);
-}
-
-/** A socket file left by a previous run that nobody listens on any more. */
-function removeStaleSocket(p: string): void {
-  try {
-    if (fs.statSync(p).isSocket()) fs.rmSync(p);
-  } catch {
-    /* absent */
-  }
+  const ms = Math.max(1, Number(m[1]) * unitMs);
+  return ms > MAX_TIMER_MS ? null : ms;
 }
