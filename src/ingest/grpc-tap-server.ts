@@ -121,19 +121,11 @@ export class GrpcTapServer {
 
   async start(): Promise<void> {
     for (const target of this.opts.listen) {
-      const isUnix = target.startsWith('unix:');
-      const sockPath = isUnix ? target.slice('unix:'.length).replace(/^\/\/(?=\/)/, '') : '';
-      if (isUnix) removeStaleSocket(sockPath);
-      // The socket file is created 0600: only the pod's Envoy (same user) may stream taps.
-      const oldMask = isUnix ? process.umask(0o177) : null;
-      try {
-        await new Promise<void>((resolve, reject) => {
+      await bindTapListener(target, () =>
+        new Promise<void>((resolve, reject) => {
           this.server.bindAsync(target, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(new Error(`cannot listen on ${target}: ${err.message}`)) : resolve()));
-        });
-      } finally {
-        if (oldMask !== null) process.umask(oldMask);
-      }
-      if (isUnix) fs.chmodSync(sockPath, 0o600);
+        }),
+      );
       this.bound.push(target);
     }
     this.widenSessionWindows();
@@ -161,9 +153,7 @@ export class GrpcTapServer {
         resolve();
       });
     });
-    for (const target of this.bound) {
-      if (target.startsWith('unix:')) fs.rmSync(target.slice(5), { force: true });
-    }
+    removeTapSockets(this.bound);
   }
 
   private stream(call: grpc.ServerReadableStream<Buffer, Buffer>, callback: grpc.sendUnaryData<Buffer>, version: string): void {
@@ -219,8 +209,38 @@ export class GrpcTapServer {
   }
 }
 
+/** The socket path of a 'unix:/path' or 'unix:///path' listener, or null for host:port. */
+function unixSocketPath(target: string): string | null {
+  return target.startsWith('unix:') ? target.slice('unix:'.length).replace(/^\/\/(?=\/)/, '') : null;
+}
+
+/**
+ * Binds one listener with `bind`. A Unix socket is created 0600 (umask while binding, chmod after)
+ * so that only the pod's Envoy (same user) may stream taps, after removing the socket file a
+ * previous run left behind.
+ */
+export async function bindTapListener(target: string, bind: (sockPath: string | null) => Promise<void>): Promise<void> {
+  const sockPath = unixSocketPath(target);
+  if (sockPath !== null) removeStaleSocket(sockPath);
+  const oldMask = sockPath !== null ? process.umask(0o177) : null;
+  try {
+    await bind(sockPath);
+  } finally {
+    if (oldMask !== null) process.umask(oldMask);
+  }
+  if (sockPath !== null) fs.chmodSync(sockPath, 0o600);
+}
+
+/** Removes the socket files of the Unix listeners among `targets` (at shutdown). */
+export function removeTapSockets(targets: string[]): void {
+  for (const target of targets) {
+    const sockPath = unixSocketPath(target);
+    if (sockPath !== null) fs.rmSync(sockPath, { force: true });
+  }
+}
+
 /** A socket file left by a previous run that nobody listens on any more. */
-export function removeStaleSocket(p: string): void {
+function removeStaleSocket(p: string): void {
   try {
     if (fs.statSync(p).isSocket()) fs.rmSync(p);
   } catch {

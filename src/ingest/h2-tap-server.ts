@@ -15,12 +15,11 @@
  * when Envoy half-closes. A message over the limit ends the call with RESOURCE_EXHAUSTED, a
  * grpc-timeout that passes with DEADLINE_EXCEEDED, both counted; other streams carry on.
  */
-import fs from 'node:fs';
 import http2 from 'node:http2';
 import zlib from 'node:zlib';
 import type { Logger } from 'pino';
 import type { PipelineStats } from '../control/stats.js';
-import { CONNECTION_WINDOW, removeStaleSocket, STREAM_TAPS_PATHS, STREAM_WINDOW, type GrpcTapServerOptions } from './grpc-tap-server.js';
+import { bindTapListener, CONNECTION_WINDOW, removeTapSockets, STREAM_TAPS_PATHS, STREAM_WINDOW, type GrpcTapServerOptions } from './grpc-tap-server.js';
 import { GrpcMessageReader, type FramingError } from './grpc-message-reader.js';
 import type { StreamIdentity, TapEventHandler } from './tap-event.js';
 import { TraceDecoder, type StreamState } from './trace-decoder.js';
@@ -56,23 +55,16 @@ export class H2TapServer {
       });
       server.on('session', (session) => this.onSession(session));
       server.on('stream', (stream, headers) => this.onStream(stream, headers, target));
-      const isUnix = target.startsWith('unix:');
-      const sockPath = isUnix ? target.slice('unix:'.length).replace(/^\/\/(?=\/)/, '') : '';
-      if (isUnix) removeStaleSocket(sockPath);
-      const oldMask = isUnix ? process.umask(0o177) : null;
-      try {
-        await new Promise<void>((resolve, reject) => {
+      await bindTapListener(target, (sockPath) =>
+        new Promise<void>((resolve, reject) => {
           server.once('error', (err) => reject(new Error(`cannot listen on ${target}: ${err.message}`)));
-          if (isUnix) server.listen(sockPath, resolve);
+          if (sockPath !== null) server.listen(sockPath, resolve);
           else {
             const i = target.lastIndexOf(':');
             server.listen(Number(target.slice(i + 1)), target.slice(0, i).replace(/^\[(.*)\]$/, '$1'), resolve);
           }
-        });
-      } finally {
-        if (oldMask !== null) process.umask(oldMask);
-      }
-      if (isUnix) fs.chmodSync(sockPath, 0o600);
+        }),
+      );
       this.servers.push(server);
       this.bound.push(target);
     }
@@ -86,9 +78,7 @@ export class H2TapServer {
     const deadline = Date.now() + graceMs;
     while (this.sessions.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
     for (const session of this.sessions) session.destroy();
-    for (const target of this.bound) {
-      if (target.startsWith('unix:')) fs.rmSync(target.slice(5), { force: true });
-    }
+    removeTapSockets(this.bound);
   }
 
   private onSession(session: http2.ServerHttp2Session): void {
