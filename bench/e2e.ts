@@ -73,6 +73,8 @@ export interface E2eOptions {
   rawH2?: boolean;
   /** Also run meshcap serve with the experimental node:http2 door (MESHCAP_INGEST_H2=1). Not in `npm run bench`. */
   h2Door?: boolean;
+  /** Also run the null sink writing what it receives by direct I/O (null-sink.ts --direct). Not in `npm run bench`. */
+  directSink?: boolean;
   /** Saturated repetitions (default: 2, or 1 with quick): more for an A/B series on a noisy host. */
   reps?: number;
   /** Run only these kinds of saturated runs (e.g. null, meshcap, meshcap-h2); default all. */
@@ -88,7 +90,7 @@ interface Settings {
   moderateMs: number;
 }
 
-type Kind = 'null' | 'null-disk' | 'null-hand-off' | 'null-raw-h2' | 'meshcap' | 'meshcap-h2' | 'broker';
+type Kind = 'null' | 'null-disk' | 'null-direct' | 'null-hand-off' | 'null-raw-h2' | 'meshcap' | 'meshcap-h2' | 'broker';
 
 interface SatRun {
   kind: Kind;
@@ -126,8 +128,8 @@ interface SatRun {
 /** serve's ring, plus any extra serve flags for an A/B (MESHCAP_BENCH_SERVE_ARGS="--buffer-size 128"). */
 const RING = ['-C', '256', '-W', '2', ...(process.env.MESHCAP_BENCH_SERVE_ARGS?.split(' ').filter(Boolean) ?? [])];
 /** null-sink.ts options of the optional baselines. */
-const NULL_FLAGS: Partial<Record<Kind, string[]>> = { 'null-hand-off': ['--hand-off'], 'null-raw-h2': ['--raw-h2'] };
-const LABEL: Record<Kind, string> = { null: 'null gRPC sink', 'null-disk': 'null sink + disk writer', 'null-hand-off': 'null sink + hand-off thread', 'null-raw-h2': 'null sink on node:http2 alone', meshcap: 'meshcap serve', 'meshcap-h2': 'meshcap serve, node:http2 door', broker: 'meshcap serve → broker → collect' };
+const NULL_FLAGS: Partial<Record<Kind, string[]>> = { 'null-direct': ['--direct'], 'null-hand-off': ['--hand-off'], 'null-raw-h2': ['--raw-h2'] };
+const LABEL: Record<Kind, string> = { null: 'null gRPC sink', 'null-disk': 'null sink + disk writer', 'null-direct': 'null sink + direct-I/O writer', 'null-hand-off': 'null sink + hand-off thread', 'null-raw-h2': 'null sink on node:http2 alone', meshcap: 'meshcap serve', 'meshcap-h2': 'meshcap serve, node:http2 door', broker: 'meshcap serve → broker → collect' };
 
 function settings(quick: boolean, sidecars?: number): Settings {
   return quick
@@ -153,7 +155,7 @@ async function saturated(kind: Kind, rep: number, s: Settings, profileDir?: stri
       server =
         kind === 'meshcap' || kind === 'meshcap-h2'
           ? await MeshcapProc.start({ dir: runDir, args: RING, ...(profileDir ? { cpuProfDir: profileDir } : {}), ...(kind === 'meshcap-h2' ? { env: { MESHCAP_INGEST_H2: '1' } } : {}) })
-          : await NullSinkProc.start(runDir, undefined, kind === 'null-disk' ? runDir : undefined, NULL_FLAGS[kind] ?? []);
+          : await NullSinkProc.start(runDir, undefined, kind === 'null-disk' || kind === 'null-direct' ? runDir : undefined, NULL_FLAGS[kind] ?? []);
     }
     const srv = server;
     const load = await Load.start({ target: srv.target, sidecars: s.sidecars, durationMs: s.warmMs + s.measureMs + 5000 });
@@ -245,7 +247,7 @@ async function saturated(kind: Kind, rep: number, s: Settings, profileDir?: stri
         if (dWritten <= 0) exit += `; NOTHING DELIVERED (${JSON.stringify(broker)}); serve log: ${server.log.slice(-1500)}; collect log: ${collect.log.slice(-1000)}`;
       }
     } else {
-      if (kind === 'null-disk') {
+      if (kind === 'null-disk' || kind === 'null-direct') {
         const end = await read();
         dropShare = end.msg > 0 ? end.droppedBytes / end.msg : 0;
         if (end.droppedBytes > 0) drops = { disk_behind: end.droppedBytes };
@@ -520,7 +522,7 @@ export async function runE2eBench(o: E2eOptions = {}): Promise<BenchReport> {
       r.exit,
     ];
     for (let rep = 0; rep < s.reps; rep++) {
-      const kinds = (['null', ...(o.handOff ? (['null-hand-off'] as Kind[]) : []), ...(o.rawH2 ? (['null-raw-h2'] as Kind[]) : []), 'null-disk', 'meshcap', ...(o.h2Door ? (['meshcap-h2'] as Kind[]) : []), 'broker'] as Kind[]).filter(
+      const kinds = (['null', ...(o.handOff ? (['null-hand-off'] as Kind[]) : []), ...(o.rawH2 ? (['null-raw-h2'] as Kind[]) : []), 'null-disk', ...(o.directSink ? (['null-direct'] as Kind[]) : []), 'meshcap', ...(o.h2Door ? (['meshcap-h2'] as Kind[]) : []), 'broker'] as Kind[]).filter(
         (k) => !o.only || o.only.includes(k),
       );
       const order = rep % 2 === 0 ? kinds : [...kinds].reverse();
@@ -579,6 +581,7 @@ export async function runE2eBench(o: E2eOptions = {}): Promise<BenchReport> {
 
   const nulls = runs.filter((r) => r.kind === 'null');
   const disks = runs.filter((r) => r.kind === 'null-disk');
+  const directs = runs.filter((r) => r.kind === 'null-direct');
   const handOffs = runs.filter((r) => r.kind === 'null-hand-off');
   const raws = runs.filter((r) => r.kind === 'null-raw-h2');
   const mc = runs.filter((r) => r.kind === 'meshcap');
@@ -597,6 +600,9 @@ export async function runE2eBench(o: E2eOptions = {}): Promise<BenchReport> {
     { bench: 'e2e', figure: 'payload ingested by meshcap, saturating (MB/s)', value: fmt(ingest, 0), baseline: `null gRPC sink ${fmt(nullMBps, 0)}`, ratio: pct(ingest, nullMBps), target: '' },
     { bench: 'e2e', figure: 'payload captured vs null sink writing to disk (MB/s)', value: fmt(captured, 0), baseline: `null+disk ${fmt(diskMBps, 0)}`, ratio: pct(captured, diskMBps), target: '' },
     { bench: 'e2e', figure: 'null sink writing to disk: written (MB/s)', value: fmt(diskMBps, 0), baseline: `null gRPC sink ${fmt(nullMBps, 0)}`, ratio: pct(diskMBps, nullMBps), target: '' },
+    ...(directs.length
+      ? [{ bench: 'e2e', figure: 'null sink writing to disk by direct I/O: written (MB/s)', value: fmt(med(directs.map((r) => r.capturedMBps)), 0), baseline: `null gRPC sink ${fmt(nullMBps, 0)}`, ratio: pct(med(directs.map((r) => r.capturedMBps)), nullMBps), target: '' }]
+      : []),
     ...(handOffs.length
       ? [{ bench: 'e2e', figure: 'null sink handing every message to a second thread (MB/s)', value: fmt(med(handOffs.map((r) => r.ingestMBps)), 0), baseline: `null gRPC sink ${fmt(nullMBps, 0)}`, ratio: pct(med(handOffs.map((r) => r.ingestMBps)), nullMBps), target: '' }]
       : []),
@@ -667,6 +673,7 @@ if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) 
   const argv = process.argv.slice(2);
   const profileDir = argv.includes('--profile') ? argv[argv.indexOf('--profile') + 1]! : null;
   const r = await runE2eBench({ quick: args.quick, json: args.json, profileDir, handOff: argv.includes('--hand-off'), rawH2: argv.includes('--raw-h2'), h2Door: argv.includes('--h2-door'),
+    directSink: argv.includes('--direct-sink'),
     reps: argv.includes('--reps') ? Number(argv[argv.indexOf('--reps') + 1]) : undefined,
     only: argv.includes('--only') ? argv[argv.indexOf('--only') + 1]!.split(',') : undefined,
   });
