@@ -17,7 +17,8 @@
  * `--write-dir DIR --direct`: the same by direct I/O, as meshcap writes: each message copied once
  * into 4 MiB page-aligned buffers (32 MiB in all, as meshcap's default --buffer-size), every full
  * buffer written with O_DIRECT from libuv's pool, one write in flight; a message that finds no free
- * buffer is dropped and counted. The ceiling of gRPC ingest + a copy-once capture writer here.
+ * buffer is dropped and counted. A copy-once writer without a thread of its own: each write's
+ * completion waits on the busy event loop, which is what it shows (e2e.ts --direct-sink).
  *
  * `--hand-off`: also hand every message to a second thread, as a meshcap that ran its capture
  * pipeline beside the gRPC thread would: the messages received in one event-loop turn go in one
