@@ -159,9 +159,9 @@ function endpoint(v6: boolean, host: number, port: number): Endpoint {
   return { v6, ip, port, synthetic: false };
 }
 
-function newFlow(v6: boolean, mss: number): TcpFlow {
+function newFlow(v6: boolean, mss: number, id = 1): TcpFlow {
   // Envoy is the server (port 8443); intro '' so no comment is attached: the steady state.
-  return new TcpFlow(1, 'bench-node', 1, endpoint(v6, 1, 8443), endpoint(v6, 2, 50123), mss, true, '');
+  return new TcpFlow(id, 'bench-node', id, endpoint(v6, 1, 8443), endpoint(v6, 2, (50000 + id) & 0xffff), mss, true, '');
 }
 
 /** `count` views of `size` bytes of random data at odd offsets of one non-pooled arena. */
@@ -201,23 +201,32 @@ const sizeLabel = (n: number) => (n >= 1024 ? `${n / 1024} KiB` : `${n} B`);
 // ---------------------------------------------------------------------------------------------
 // Cases
 
-function slicerCase(id: string, s: Shape, useKernel = true): Case {
+/**
+ * Slicer.data() over `s`'s events. With `flows` > 1 the events go to that many flows in a scrambled
+ * round (as 8 Envoys × 32 connections interleave in e2e), so the flow changes at every event.
+ */
+function slicerCase(id: string, s: Shape, useKernel = true, flows = 1): Case {
   const out = newOutput(pcapngFramer, useKernel);
   const slicer = new Slicer(out, { snaplen: DEFAULT_PIPELINE.snaplen });
-  const flow = newFlow(s.v6, s.mss);
+  const all = Array.from({ length: flows }, (_, i) => newFlow(s.v6, s.mss, i + 1));
+  // A fixed permutation (stride coprime with the count): neighbours in time are far apart in id.
+  const order = Array.from({ length: flows }, (_, i) => all[(i * 97) % flows]!);
+  let f = 0;
   const { events } = sourceEvents(s.eventSize, Math.max(2, Math.floor(SOURCE_BYTES / s.eventSize)));
   const ne = events.length;
   let e = 0;
   let ns = 0;
   return {
     id,
-    label: `slicer${useKernel ? '' : ', JS path (no kernel)'} ${sizeLabel(s.eventSize)} ${famLabel(s)}`,
+    label: `slicer${useKernel ? '' : ', JS path (no kernel)'} ${sizeLabel(s.eventSize)} ${famLabel(s)}${flows > 1 ? `, ${flows} flows interleaved` : ''}`,
     packetsPerUnit: s.segments,
     payloadBytesPerUnit: s.eventSize,
     batchUnits: Math.max(8, Math.round(2_000_000 / s.eventSize)),
     batch(n) {
       for (let i = 0; i < n; i++) {
         // Alternate directions, as a request/response conversation does.
+        const flow = order[f]!;
+        if (++f === flows) f = 0;
         const res = slicer.data(flow, e & 1, events[e]!, TS_SEC, ns, null, 0);
         if (res.packets !== s.segments) throw new Error(`slicer wrote ${res.packets} packets, expected ${s.segments} (dropped ${res.dropped})`);
         ns = (ns + 1000) % 1e9;
@@ -439,6 +448,7 @@ function slicerGroups(v4 = shape(false, 1460, 65536), v6 = shape(true, 1440, 655
       cases: [
         ['memcpy-4k-v4', () => baselineCase('memcpy-4k-v4', small)],
         ['slicer-4k-v4', () => slicerCase('slicer-4k-v4', small)],
+        ['slicer-4k-v4-256flows', () => slicerCase('slicer-4k-v4-256flows', small, true, 256)],
       ],
     },
     {

@@ -11,7 +11,7 @@
  * segment of a flow, and everywhere without the kernel (MESHCAP_NO_WASM=1).
  */
 import { Direction, type Block } from './block.js';
-import { TEMPLATE_SLOT } from './wasm-kernel.js';
+import { TEMPLATE_SLOT, templateSlot } from './wasm-kernel.js';
 import { copyBytes } from './copy-bytes.js';
 import { checksumInto, sumBytesLE, writeChecksumLE } from './checksum.js';
 import { ETH_LEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, TCP_WINDOW_SCALE, W_IPID, W_PSEUDO, W_SEQ, headerLength, tcpOffset, writeTemplate } from './frame-template.js';
@@ -131,11 +131,11 @@ export class Slicer {
     const rec = block.used;
     const first = rec + framer.head;
     copyBytes(block.buf, first + hdr, pos === 0 && bytes === payload.length ? payload : payload.subarray(pos, pos + bytes));
-    // The flow's template into the kernel's scratch area, unless it is already there (the next
-    // event is usually the same flow's).
-    if (kernel.tmplOf[d] !== w) {
-      writeTemplate(w.wire, w.v6, d, kernel.scratchView, d * TEMPLATE_SLOT);
-      kernel.tmplOf[d] = w;
+    // The flow's template into its slot of the kernel's scratch area, unless it is still there.
+    const slot = templateSlot(w.id, d);
+    if (kernel.tmplOf[slot] !== w) {
+      writeTemplate(w.wire, w.v6, d, kernel.scratchView, slot * TEMPLATE_SLOT);
+      kernel.tmplOf[slot] = w;
     }
     framer.timestampWords(tsSec, tsNsec, this.tsWords);
     const wire = w.wire;
@@ -148,7 +148,7 @@ export class Slicer {
       block.base + rec,
       bytes,
       mss,
-      kernel.scratch + d * TEMPLATE_SLOT,
+      kernel.scratch + slot * TEMPLATE_SLOT,
       hdr,
       w.v6 ? 1 : 0,
       seq | 0,

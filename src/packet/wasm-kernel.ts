@@ -39,18 +39,26 @@ export interface Kernel {
   readonly sum: WasmSum;
   readonly segments: WasmSegments;
   /**
-   * A scratch area in the memory for header templates: direction d's at scratch + d *
-   * TEMPLATE_SLOT (a conversation alternates directions; each keeps its template).
+   * A scratch area in the memory for header templates, a small cache: templateSlot(flow id, d)
+   * says where direction d of a flow keeps its template (events of many flows interleave: the
+   * template is written again only when another flow took the slot).
    */
   readonly scratch: number;
   readonly scratchView: Uint8Array;
-  /** Whose template each slot holds now (the flow, per direction); slicers keep it current. */
-  readonly tmplOf: [unknown, unknown];
+  /** Whose template each slot holds now (the flow); slicers keep it current. */
+  readonly tmplOf: unknown[];
 }
 
-/** Room for the longest header template (IPv6: 74 bytes), rounded to cache lines; one per direction. */
+/** Room for the longest header template (IPv6: 74 bytes), rounded to cache lines. */
 export const TEMPLATE_SLOT = 128;
-const TEMPLATE_SCRATCH = 2 * TEMPLATE_SLOT;
+/** Flows whose templates the scratch area keeps at once (a power of two): 64 KiB of slots. */
+const TEMPLATE_FLOWS = 256;
+const TEMPLATE_SCRATCH = 2 * TEMPLATE_FLOWS * TEMPLATE_SLOT;
+
+/** The template slot of direction d of the flow with this id (an index; × TEMPLATE_SLOT bytes). */
+export function templateSlot(flowId: number, d: number): number {
+  return ((flowId & (TEMPLATE_FLOWS - 1)) << 1) | d;
+}
 
 let compiled: WebAssembly.Module | null | undefined;
 
@@ -95,7 +103,7 @@ export function bindKernel(memory: WebAssembly.Memory, bytes: number): Kernel | 
     segments: instance.exports.segments as WasmSegments,
     scratch,
     scratchView: new Uint8Array(memory.buffer, scratch, TEMPLATE_SCRATCH),
-    tmplOf: [null, null],
+    tmplOf: new Array<unknown>(2 * TEMPLATE_FLOWS).fill(null),
   };
 }
 
