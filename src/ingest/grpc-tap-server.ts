@@ -14,8 +14,8 @@ import type http2 from 'node:http2';
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import type { PipelineStats } from '../control/stats.js';
-import type { StreamIdentity, TapEventHandler } from './tap-event.js';
-import { TraceDecoder, type StreamState } from './trace-decoder.js';
+import type { TapEventHandler } from './tap-event.js';
+import { TapStreamDoor } from './tap-stream.js';
 
 export const STREAM_TAPS_PATHS = [
   '/envoy.service.tap.v3.TapSinkService/StreamTaps',
@@ -95,17 +95,16 @@ export interface GrpcTapServerOptions {
 
 export class GrpcTapServer {
   private readonly server: grpc.Server;
-  private readonly decoder: TraceDecoder;
-  private anonymous = 0;
+  private readonly door: TapStreamDoor;
   readonly bound: string[] = [];
 
   constructor(
     private readonly opts: GrpcTapServerOptions,
-    private readonly handler: TapEventHandler,
-    private readonly stats: PipelineStats,
+    handler: TapEventHandler,
+    stats: PipelineStats,
     private readonly log: Logger,
   ) {
-    this.decoder = new TraceDecoder(handler);
+    this.door = new TapStreamDoor(handler, stats, log);
     this.server = new grpc.Server({
       'grpc.max_receive_message_length': opts.maxMessageBytes,
       'grpc.max_send_message_length': 1024,
@@ -157,26 +156,9 @@ export class GrpcTapServer {
   }
 
   private stream(call: grpc.ServerReadableStream<Buffer, Buffer>, callback: grpc.sendUnaryData<Buffer>, version: string): void {
-    const state: StreamState = { identity: null, messages: 0 };
-    const source = 'grpc';
     const peer = call.getPeer();
-    this.stats.grpcStreamsActive++;
-    this.stats.grpcStreamsTotal++;
-    let finished = false;
-    const finish = (): void => {
-      if (finished) return;
-      finished = true;
-      this.stats.grpcStreamsActive--;
-      this.log.info({ peer, version, node: state.identity?.nodeId, tap_id: state.identity?.tapId, messages: state.messages }, 'tap stream ended');
-    };
-    const anonymous = (): StreamIdentity => ({ nodeId: `anonymous-${++this.anonymous}`, tapId: '', source });
-    call.on('data', (msg: Buffer) => {
-      this.handler.onIngestMessage(source, msg.length);
-      const first = state.identity === null;
-      this.decoder.decodeStreamTapsRequest(msg, state, source, anonymous);
-      if (first && state.identity) this.log.info({ peer, version, node: state.identity.nodeId, tap_id: state.identity.tapId }, 'tap stream started');
-    });
-    const unnamed = (): StreamIdentity => state.identity ?? { nodeId: '', tapId: '', source };
+    const tap = this.door.open(peer, version);
+    call.on('data', (msg: Buffer) => tap.message(msg));
     call.on('end', () => {
       // Node ends the request stream both on a real half-close and when the client resets or
       // vanishes mid-message (grpc-js then drops the partial message silently). Sending metadata
@@ -184,27 +166,26 @@ export class GrpcTapServer {
       // on the next tick, before ours, and that handler counts the abort.
       call.sendMetadata(new grpc.Metadata());
       process.nextTick(() => {
-        if (finished) return;
-        finish();
+        if (tap.finished) return;
+        tap.finish();
         callback(null, EMPTY);
       });
     });
     call.on('error', (err: grpc.ServiceError) => {
-      this.handler.onIngestError(unnamed(), 'stream_aborted', `tap stream from ${peer}: ${err.message}`);
-      finish();
+      tap.error('stream_aborted', `tap stream from ${peer}: ${err.message}`);
+      tap.finish();
     });
     call.on('cancelled', () => {
       // grpc-js reports both a client that went away and its own rejection of a message over
       // --max-message-size (RESOURCE_EXHAUSTED, sent to Envoy) as a cancellation; the handler
       // cannot tell which.
-      if (!finished) {
-        this.handler.onIngestError(
-          unnamed(),
+      if (!tap.finished) {
+        tap.error(
           'stream_aborted',
           `tap stream from ${peer} ended without a clean close: the client went away, or gRPC rejected a message over --max-message-size (${this.opts.maxMessageBytes} bytes)`,
         );
       }
-      finish();
+      tap.finish();
     });
   }
 }

@@ -21,8 +21,8 @@ import type { Logger } from 'pino';
 import type { PipelineStats } from '../control/stats.js';
 import { bindTapListener, CONNECTION_WINDOW, removeTapSockets, STREAM_TAPS_PATHS, STREAM_WINDOW, type GrpcTapServerOptions } from './grpc-tap-server.js';
 import { GrpcMessageReader, type FramingError } from './grpc-message-reader.js';
-import type { StreamIdentity, TapEventHandler } from './tap-event.js';
-import { TraceDecoder, type StreamState } from './trace-decoder.js';
+import type { TapEventHandler } from './tap-event.js';
+import { TapStreamDoor } from './tap-stream.js';
 
 /** gRPC status codes used here. */
 const Status = { OK: 0, DEADLINE_EXCEEDED: 4, RESOURCE_EXHAUSTED: 8, UNIMPLEMENTED: 12, INTERNAL: 13 } as const;
@@ -33,17 +33,16 @@ const EMPTY_MESSAGE = Buffer.alloc(5);
 export class H2TapServer {
   private readonly servers: http2.Http2Server[] = [];
   private readonly sessions = new Set<http2.ServerHttp2Session>();
-  private readonly decoder: TraceDecoder;
-  private anonymous = 0;
+  private readonly door: TapStreamDoor;
   readonly bound: string[] = [];
 
   constructor(
     private readonly opts: GrpcTapServerOptions,
-    private readonly handler: TapEventHandler,
-    private readonly stats: PipelineStats,
+    handler: TapEventHandler,
+    stats: PipelineStats,
     private readonly log: Logger,
   ) {
-    this.decoder = new TraceDecoder(handler);
+    this.door = new TapStreamDoor(handler, stats, log);
   }
 
   async start(): Promise<void> {
@@ -113,30 +112,21 @@ export class H2TapServer {
     // A TCP client by its address; on a Unix socket, the socket (as grpc-js names such peers).
     const sock = stream.session?.socket;
     const peer = sock?.remoteAddress ? `${sock.remoteAddress}:${sock.remotePort}` : target;
-    const source = 'grpc';
-    const state: StreamState = { identity: null, messages: 0 };
-    const unnamed = (): StreamIdentity => state.identity ?? { nodeId: '', tapId: '', source };
-    const anonymous = (): StreamIdentity => ({ nodeId: `anonymous-${++this.anonymous}`, tapId: '', source });
-    this.stats.grpcStreamsActive++;
-    this.stats.grpcStreamsTotal++;
-    let finished = false;
+    const tap = this.door.open(peer, version);
     let timer: NodeJS.Timeout | null = null;
     const finish = (): void => {
-      if (finished) return;
-      finished = true;
-      this.stats.grpcStreamsActive--;
       if (timer) clearTimeout(timer);
-      this.log.info({ peer, version, node: state.identity?.nodeId, tap_id: state.identity?.tapId, messages: state.messages }, 'tap stream ended');
+      tap.finish();
     };
     const fail = (code: number, reason: 'message_too_large' | 'stream_aborted' | 'malformed_protobuf', detail: string): void => {
-      this.handler.onIngestError(unnamed(), reason, `tap stream from ${peer}: ${detail}`);
+      tap.error(reason, `tap stream from ${peer}: ${detail}`);
       trailersOnly(stream, code, detail);
       finish();
     };
 
     const onMessage = (message: Buffer, compressed: boolean): void => {
       // A chunk can hold messages after one that ended the call.
-      if (finished) return;
+      if (tap.finished) return;
       if (compressed) {
         const inflated = this.inflate(message, encoding);
         if (typeof inflated === 'string') {
@@ -145,10 +135,7 @@ export class H2TapServer {
         }
         message = inflated;
       }
-      this.handler.onIngestMessage(source, message.length);
-      const first = state.identity === null;
-      this.decoder.decodeStreamTapsRequest(message, state, source, anonymous);
-      if (first && state.identity) this.log.info({ peer, version, node: state.identity.nodeId, tap_id: state.identity.tapId }, 'tap stream started');
+      tap.message(message);
     };
     const onFramingError = (err: FramingError): void => {
       if (err.kind === 'too_large') {
@@ -165,28 +152,28 @@ export class H2TapServer {
     }
 
     stream.on('data', (chunk: Buffer) => {
-      if (!finished) reader.push(chunk);
+      if (!tap.finished) reader.push(chunk);
     });
     stream.on('end', () => {
-      if (finished) return;
+      if (tap.finished) return;
       reader.end();
-      if (finished) return;
+      if (tap.finished) return;
       finish();
       stream.respond({ ':status': 200, 'content-type': 'application/grpc' }, { waitForTrailers: true });
       stream.once('wantTrailers', () => stream.sendTrailers({ 'grpc-status': String(Status.OK) }));
       stream.end(EMPTY_MESSAGE);
     });
     stream.on('aborted', () => {
-      if (!finished) this.handler.onIngestError(unnamed(), 'stream_aborted', `tap stream from ${peer} ended without a clean close: the client went away`);
+      if (!tap.finished) tap.error('stream_aborted', `tap stream from ${peer} ended without a clean close: the client went away`);
       finish();
     });
     stream.on('error', (err) => {
-      if (!finished) this.handler.onIngestError(unnamed(), 'stream_aborted', `tap stream from ${peer}: ${err.message}`);
+      if (!tap.finished) tap.error('stream_aborted', `tap stream from ${peer}: ${err.message}`);
       finish();
     });
     stream.on('close', () => {
-      if (!finished) {
-        this.handler.onIngestError(unnamed(), 'stream_aborted', `tap stream from ${peer} closed before it ended`);
+      if (!tap.finished) {
+        tap.error('stream_aborted', `tap stream from ${peer} closed before it ended`);
         finish();
       }
     });
