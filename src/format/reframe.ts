@@ -101,8 +101,12 @@ export function reframeBlock(block: Block, framer: RecordFramer, out: Buffer, ke
 function commentFor(block: Block, i: number, ann: boolean, note: FirstRecordNote | null | undefined): Buffer | null {
   if (!ann) return null;
   const own = block.commentOf(i);
-  if (!note) return own;
-  return own ? Buffer.concat([own, SEPARATOR, note.text]) : note.text;
+  return note ? appendComment(own, note.text) : own;
+}
+
+/** A frame's comment with `text` added after it ("; " between), or `text` alone (allocates). */
+export function appendComment(own: Buffer | null, text: Buffer): Buffer {
+  return own ? Buffer.concat([own, SEPARATOR, text]) : text;
 }
 
 /** Frame i's drop count in a format that carries annotations, plus the note's. */

@@ -49,7 +49,7 @@ import { TlsFiles, type TlsMaterial } from '../control/tls-files.js';
 import { pcapFramer } from '../format/pcap.js';
 import { pcapngFramer } from '../format/pcapng.js';
 import type { RecordFramer } from '../format/record-framer.js';
-import { reframeBlock, reframedSize } from '../format/reframe.js';
+import { appendComment, reframeBlock, reframedSize } from '../format/reframe.js';
 import type { Block } from '../packet/block.js';
 import { copyBytes } from '../packet/copy-bytes.js';
 import {
@@ -502,7 +502,7 @@ export class LiveServer implements BlockSink {
         if (sel[i] !== 2) continue;
         const prev = block.commentOf(i);
         saved.push([i, prev]);
-        block.setComment(i, prev ? Buffer.concat([prev, Buffer.from('; '), JOIN_BUF]) : JOIN_BUF);
+        block.setComment(i, appendComment(prev, JOIN_BUF));
       }
     }
     try {
