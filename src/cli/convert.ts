@@ -14,7 +14,6 @@ import type { Block } from '../packet/block.js';
 import { DEFAULT_PIPELINE, Pipeline } from '../pipeline.js';
 import { FileSink } from '../sink/file-sink.js';
 import type { BlockSink } from '../sink/sink.js';
-import { prestartCaptureWriter } from '../sink/writer-thread-start.js';
 
 const OPTIONS = [
   { name: 'write', short: 'w', kind: 'string' as const, help: 'output capture file' },
@@ -89,8 +88,6 @@ export async function convert(argv: string[]): Promise<number> {
   const files = flags._;
   const out = flags.write as string | undefined;
   if (!out || files.length === 0) throw new ConfigError(`convert needs input files and -w OUT\n\n${CONVERT_USAGE}`);
-  // The output's writer thread starts while the inputs are opened (the file is created only later).
-  prestartCaptureWriter();
   const format = (flags.format as string | undefined) ?? 'pcapng';
   if (!['pcapng', 'pcap', 'pcap-ns'].includes(format)) throw new ConfigError(`"format": must be pcapng, pcap or pcap-ns, got "${format}"`);
   const inputFormat = flags['input-format'] as string | undefined;
